@@ -5,7 +5,16 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
+from .io import OccReIDError
+
 T = TypeVar("T")
+
+
+class UnknownNameError(OccReIDError, KeyError):
+    """A registry lookup of a name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -38,7 +47,7 @@ class Registry(Generic[T]):
         if key not in self._items:
             close = difflib.get_close_matches(key, list(self._items), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}"
             )
         return self._items[key]

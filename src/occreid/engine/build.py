@@ -1,0 +1,197 @@
+"""Builders: the only place that turns a config into objects (datasets, loaders, model, solver)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..utils.io import OccReIDError
+from . import distributed as du
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec in (None, "auto"):
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OccReIDError(f"device {spec!r} requested but CUDA is not available; use device=cpu")
+    return dev
+
+
+def resolve_amp(spec: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype (None = fp32)."""
+    if spec == "fp32":
+        return None
+    if spec == "bf16":
+        return torch.bfloat16
+    if spec == "fp16":
+        return torch.float16
+    # auto: bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 autocast is slow on many CPUs)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _dataset_root(cfg: Dict[str, Any], name: str, root: str) -> str:
+    """For SynthOcc, generate the dataset on first use."""
+    if name.lower() != "synthocc":
+        return root
+    from ..data.synthetic import generate_synthocc
+
+    target = Path(root)
+    if not (target / "bounding_box_train").is_dir():
+        target = target / "SynthOcc"
+    if not (target / "synthocc.json").is_file():
+        if du.is_main():
+            logger.info("generating SynthOcc (%s preset) in %s", cfg["data"]["synth_preset"], target)
+            generate_synthocc(target, preset=cfg["data"]["synth_preset"], seed=int(cfg["data"]["synth_seed"]))
+        du.barrier()
+    return str(target)
+
+
+def build_datasets(cfg: Dict[str, Any]):
+    """Returns ``(train_dataset, test_dataset)`` (the same object unless ``data.test_name``)."""
+    from ..data import build_dataset
+
+    d = cfg["data"]
+    kwargs = dict(d.get("kwargs") or {})
+    train_ds = build_dataset(d["name"], _dataset_root(cfg, d["name"], d["root"]), **kwargs)
+    if d.get("test_name"):
+        troot = d.get("test_root") or d["root"]
+        test_ds = build_dataset(d["test_name"], _dataset_root(cfg, d["test_name"], troot))
+    else:
+        test_ds = train_ds
+    return train_ds, test_ds
+
+
+def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
+    from ..data import ImageDataset, RandomIdentitySampler, build_train_transform
+
+    d, s = cfg["data"], cfg["solver"]
+    if not dataset.train:
+        raise OccReIDError(
+            f"dataset {dataset.name!r} at {dataset.root} has no training split; "
+            "train on another dataset and set data.test_name to evaluate on this one"
+        )
+    transform = build_train_transform(
+        tuple(d["size_train"]),
+        flip_prob=d["flip_prob"],
+        padding=d["padding"],
+        re_prob=d["re_prob"],
+        mean=tuple(d["pixel_mean"]),
+        std=tuple(d["pixel_std"]),
+        color_jitter=tuple(d["color_jitter"]) if d.get("color_jitter") else None,
+    )
+    world = du.get_world_size()
+    sampler = RandomIdentitySampler(
+        [r.pid for r in dataset.train],
+        batch_size=int(s["ims_per_batch"]),
+        num_instances=int(d["num_instances"]),
+        seed=seed,
+        num_replicas=world,
+        rank=du.get_rank(),
+    )
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(dataset.train, transform),
+        batch_size=int(s["ims_per_batch"]) // world,
+        sampler=sampler,
+        num_workers=int(d["num_workers"]),
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+    return loader, sampler
+
+
+def build_test_loader(cfg: Dict[str, Any], records, shard: bool = True):
+    """Loader over ``records`` (query + gallery). Under DDP each rank gets a contiguous shard."""
+    from ..data import ImageDataset, build_test_transform
+
+    d = cfg["data"]
+    transform = build_test_transform(
+        tuple(d["size_test"]), mean=tuple(d["pixel_mean"]), std=tuple(d["pixel_std"])
+    )
+    ds = ImageDataset(list(records), transform)
+    if shard and du.is_dist():
+        n, w, r = len(ds), du.get_world_size(), du.get_rank()
+        per = (n + w - 1) // w
+        ds = torch.utils.data.Subset(ds, range(r * per, min(n, (r + 1) * per)))
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=int(cfg["test"]["ims_per_batch"]),
+        shuffle=False,
+        num_workers=int(d["num_workers"]),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def model_meta(cfg: Dict[str, Any], num_classes: int, num_cameras: int, feature_dim: int) -> Dict[str, Any]:
+    """What is needed to rebuild the inference model from a checkpoint alone."""
+    m, d = cfg["model"], cfg["data"]
+    return {
+        "method": m["name"],
+        "backbone": m["backbone"],
+        "img_size": list(d["size_test"]),
+        "stride": m["stride"],
+        "num_classes": int(num_classes),
+        "num_cameras": int(num_cameras),
+        "sie_camera": bool(m["sie_camera"]),
+        "sie_coef": float(m["sie_coef"]),
+        "neck_feat": m["neck_feat"],
+        "pixel_mean": list(d["pixel_mean"]),
+        "pixel_std": list(d["pixel_std"]),
+        "feature_dim": int(feature_dim),
+        "kwargs": dict(m.get("kwargs") or {}),
+    }
+
+
+def build_model(cfg: Dict[str, Any], num_classes: int, num_cameras: int, *, with_pretrained: bool = True) -> nn.Module:
+    from ..models import build_model as _build
+
+    m, d = cfg["model"], cfg["data"]
+    if tuple(d["size_train"]) != tuple(d["size_test"]):
+        raise OccReIDError("data.size_train and data.size_test must be equal for a ViT with learned positions")
+    kwargs = dict(m.get("kwargs") or {})
+    base_args = dict(
+        num_classes=num_classes,
+        num_cameras=num_cameras if m["sie_camera"] else 0,
+        backbone=m["backbone"],
+        img_size=tuple(d["size_train"]),
+        stride=m["stride"],
+        sie_coef=m["sie_coef"],
+        drop_path=m["drop_path"],
+        pretrained=m["pretrained"] if with_pretrained else None,
+    )
+    if m["name"] == "baseline":
+        kwargs.update(
+            neck_feat=m["neck_feat"],
+            label_smoothing=m["label_smoothing"],
+            triplet_margin=m["triplet_margin"],
+            id_loss_weight=m["id_loss_weight"],
+            triplet_loss_weight=m["triplet_loss_weight"],
+        )
+    try:
+        return _build(m["name"], **base_args, **kwargs)
+    except TypeError as exc:
+        raise OccReIDError(f"bad arguments for model {m['name']!r}: {exc}") from None
+
+
+def model_from_checkpoint(ckpt: Dict[str, Any], device: torch.device = torch.device("cpu")) -> nn.Module:
+    """Rebuild the model described by a checkpoint's metadata and load its weights."""
+    from .checkpoint import load_model_state
+
+    cfg = ckpt["config"]
+    meta = ckpt["model_meta"]
+    model = build_model(cfg, meta["num_classes"], meta["num_cameras"], with_pretrained=False)
+    load_model_state(model, ckpt["model"], "checkpoint")
+    return model.to(device).eval()

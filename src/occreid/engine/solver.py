@@ -1,0 +1,124 @@
+"""Optimiser and learning-rate schedule of TransReID (transreid-backbone.md §4.1-4.2)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+def make_param_groups(
+    named_params: Iterable[Tuple[str, nn.Parameter]],
+    base_lr: float,
+    weight_decay: float,
+    bias_lr_factor: float = 2.0,
+    weight_decay_bias: Optional[float] = None,
+) -> List[Dict]:
+    """Two groups, as the official per-tensor groups amount to: parameters whose name contains
+    ``"bias"`` get ``base_lr * bias_lr_factor`` and ``weight_decay_bias``; the rest ``base_lr`` and
+    ``weight_decay``. Frozen parameters (e.g. the BNNeck bias) are skipped."""
+    if weight_decay_bias is None:
+        weight_decay_bias = weight_decay
+    weights, biases = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (biases if "bias" in name else weights).append(p)
+    groups = []
+    if weights:
+        groups.append({"params": weights, "lr": base_lr, "weight_decay": weight_decay, "name": "weights"})
+    if biases:
+        groups.append(
+            {
+                "params": biases,
+                "lr": base_lr * bias_lr_factor,
+                "weight_decay": weight_decay_bias,
+                "name": "biases",
+            }
+        )
+    return groups
+
+
+def build_optimizer(
+    named_params: Iterable[Tuple[str, nn.Parameter]],
+    name: str = "SGD",
+    base_lr: float = 0.008,
+    weight_decay: float = 1e-4,
+    bias_lr_factor: float = 2.0,
+    weight_decay_bias: Optional[float] = None,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    groups = make_param_groups(named_params, base_lr, weight_decay, bias_lr_factor, weight_decay_bias)
+    if not groups:
+        raise ValueError("no trainable parameters")
+    lname = name.lower()
+    if lname == "sgd":
+        return torch.optim.SGD(groups, lr=base_lr, momentum=momentum)
+    if lname == "adamw":
+        return torch.optim.AdamW(groups, lr=base_lr, weight_decay=weight_decay)
+    if lname == "adam":
+        return torch.optim.Adam(groups, lr=base_lr)
+    raise ValueError(f"unknown optimizer {name!r}; use SGD, AdamW or Adam")
+
+
+class WarmupCosineLR:
+    """timm's ``CosineLRScheduler`` as configured by TransReID, stepped once per epoch.
+
+    For a group with base lr ``v`` at (1-based) epoch ``e``:
+
+    * ``e < warmup``: ``warmup_lr + e * (v - warmup_lr) / warmup``
+    * ``warmup <= e < T``: ``min_lr + 0.5 (v - min_lr) (1 + cos(pi e / T))`` (not shifted by the
+      warm-up, as ``warmup_prefix=False``)
+    * ``e >= T``: ``min_lr``
+
+    ``warmup_lr`` and ``min_lr`` are scalars shared by all groups (as in the official code).
+    ``step(epoch)`` is called before the epoch's iterations.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_epochs: int,
+        warmup_epochs: int = 5,
+        warmup_lr: float = 8e-5,
+        min_lr: float = 1.6e-5,
+    ) -> None:
+        self.optimizer = optimizer
+        self.max_epochs = int(max_epochs)
+        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_lr = float(warmup_lr)
+        self.min_lr = float(min_lr)
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self.last_epoch = 0
+
+    def lr_at(self, epoch: int, base_lr: float) -> float:
+        e = int(epoch)
+        if e < self.warmup_epochs:
+            return self.warmup_lr + e * (base_lr - self.warmup_lr) / self.warmup_epochs
+        if e >= self.max_epochs:
+            return self.min_lr
+        return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1 + math.cos(math.pi * e / self.max_epochs))
+
+    def step(self, epoch: int) -> None:
+        self.last_epoch = int(epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(epoch, g["initial_lr"])
+
+    def get_last_lr(self) -> List[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> Dict:
+        return {
+            "last_epoch": self.last_epoch,
+            "max_epochs": self.max_epochs,
+            "warmup_epochs": self.warmup_epochs,
+            "warmup_lr": self.warmup_lr,
+            "min_lr": self.min_lr,
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)

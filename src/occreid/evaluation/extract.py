@@ -1,0 +1,163 @@
+"""Feature extraction over a loader and end-to-end evaluation of a model on query/gallery.
+
+The model contract: in eval mode ``model(images, cam_ids=...)`` returns a feature tensor
+``[B, D]``, or a dict with key ``"feat"`` plus extras (e.g. DPM's ``"mask"``). A model that
+defines ``retrieval_distance(query: dict, gallery: dict)`` provides its own (possibly
+query-conditioned) distance, returned as a matrix or a block callable accepted by
+:func:`occreid.evaluation.evaluate_rank`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine import distributed as du
+
+logger = logging.getLogger(__name__)
+
+OCCLUSION_GROUPS = ("holistic", "npo", "ntp")
+
+
+def autocast_context(device: torch.device, amp: Optional[torch.dtype]):
+    if amp is None or amp == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
+@torch.inference_mode()
+def extract_features(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    device: torch.device,
+    amp: Optional[torch.dtype] = None,
+    use_cameras: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Run ``model`` in eval mode over ``loader``; returns concatenated float32 CPU tensors.
+
+    Keys: ``feat`` (and any other tensor outputs of the model), ``pids``, ``camids``, ``index``.
+    Under ``torch.distributed`` each rank runs its own loader shard and the results are gathered
+    (in index order) on every rank.
+    """
+    was_training = model.training
+    model.eval()
+    outs: Dict[str, List[torch.Tensor]] = {}
+    for batch in loader:
+        images = batch["images"].to(device, non_blocking=True)
+        cams = batch["camids"].to(device) if use_cameras else None
+        with autocast_context(device, amp):
+            out = model(images, cam_ids=cams)
+        if isinstance(out, torch.Tensor):
+            out = {"feat": out}
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor):
+                outs.setdefault(k, []).append(v.detach().float().cpu())
+        for k in ("pids", "camids", "index"):
+            outs.setdefault(k, []).append(torch.as_tensor(batch[k]).cpu())
+    model.train(was_training)
+    result = {k: torch.cat(v, 0) for k, v in outs.items()}
+    if du.is_dist():
+        gathered = {k: du.all_gather_cat(v.to(device)).cpu() for k, v in result.items()}
+        order = torch.argsort(gathered["index"])
+        result = {k: v[order] for k, v in gathered.items()}
+    return result
+
+
+def _split(feats: Dict[str, torch.Tensor], n_query: int):
+    q = {k: v[:n_query] for k, v in feats.items()}
+    g = {k: v[n_query:] for k, v in feats.items()}
+    return q, g
+
+
+def evaluate_features(
+    query: Dict[str, torch.Tensor],
+    gallery: Dict[str, torch.Tensor],
+    *,
+    model: Optional[nn.Module] = None,
+    feat_norm: bool = True,
+    metric: str = "euclidean",
+    max_rank: int = 50,
+    re_ranking: bool = False,
+    rerank_params: Sequence[float] = (20, 6, 0.3),
+    query_groups: Optional[Sequence[Optional[str]]] = None,
+) -> Dict[str, Any]:
+    """Distances and ranking metrics, overall and per query group (occlusion type)."""
+    from . import compute_distance, evaluate_rank, re_ranking as rerank_fn
+
+    qf, gf = query["feat"], gallery["feat"]
+    custom = getattr(model, "retrieval_distance", None) if model is not None else None
+    if custom is not None:
+        dist = custom(query, gallery)
+    else:
+        if feat_norm:
+            qf = torch.nn.functional.normalize(qf, dim=1)
+            gf = torch.nn.functional.normalize(gf, dim=1)
+        if re_ranking:
+            k1, k2, lam = rerank_params
+            dist = rerank_fn(qf, gf, k1=int(k1), k2=int(k2), lambda_value=float(lam))
+        else:
+            dist = compute_distance(qf, gf, metric=metric)
+    q_pids, g_pids = query["pids"].numpy(), gallery["pids"].numpy()
+    q_cams, g_cams = query["camids"].numpy(), gallery["camids"].numpy()
+    res = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank, return_per_query=True)
+    metrics = summarise(res)
+    if query_groups is not None and any(g is not None for g in query_groups):
+        groups = np.asarray([g if g is not None else "unknown" for g in query_groups])
+        valid = np.asarray(res["valid_mask"], dtype=bool)
+        ap_all = np.zeros(len(groups))
+        inp_all = np.zeros(len(groups))
+        fmr_all = np.full(len(groups), np.iinfo(np.int64).max, dtype=np.int64)
+        ap_all[valid] = np.asarray(res["ap"])
+        inp_all[valid] = np.asarray(res["inp"])
+        fmr_all[valid] = np.asarray(res["first_match_rank"])
+        per = {}
+        names = [g for g in OCCLUSION_GROUPS if g in set(groups)]
+        names += sorted(set(groups) - set(OCCLUSION_GROUPS))
+        for name in names:
+            sel = (groups == name) & valid
+            n = int(sel.sum())
+            if n == 0:
+                continue
+            per[name] = {
+                "num_queries": n,
+                "mAP": float(ap_all[sel].mean()),
+                "mINP": float(inp_all[sel].mean()),
+                "rank1": float((fmr_all[sel] <= 1).mean()),
+                "rank5": float((fmr_all[sel] <= 5).mean()),
+                "rank10": float((fmr_all[sel] <= 10).mean()),
+            }
+        occ = (np.isin(groups, ("npo", "ntp"))) & valid
+        if occ.any():
+            per["occluded"] = {
+                "num_queries": int(occ.sum()),
+                "mAP": float(ap_all[occ].mean()),
+                "mINP": float(inp_all[occ].mean()),
+                "rank1": float((fmr_all[occ] <= 1).mean()),
+                "rank5": float((fmr_all[occ] <= 5).mean()),
+                "rank10": float((fmr_all[occ] <= 10).mean()),
+            }
+        metrics["by_occlusion"] = per
+    return metrics
+
+
+def summarise(res: Mapping[str, Any]) -> Dict[str, Any]:
+    cmc = np.asarray(res["cmc"], dtype=np.float64)
+
+    def at(k: int) -> float:
+        return float(cmc[min(k, len(cmc)) - 1])
+
+    return {
+        "rank1": at(1),
+        "rank5": at(5),
+        "rank10": at(10),
+        "mAP": float(res["mAP"]),
+        "mINP": float(res["mINP"]),
+        "num_valid_queries": int(res["num_valid_queries"]),
+        "num_skipped_queries": int(res["num_skipped_queries"]),
+        "cmc": [float(c) for c in cmc[:20]],
+    }
