@@ -165,12 +165,16 @@ def build_model(cfg: Dict[str, Any], num_classes: int, num_cameras: int, *, with
     base_args = dict(
         num_classes=num_classes,
         num_cameras=num_cameras if m["sie_camera"] else 0,
+        sie_camera=bool(m["sie_camera"]),
         backbone=m["backbone"],
         img_size=tuple(d["size_train"]),
         stride=m["stride"],
         sie_coef=m["sie_coef"],
         drop_path=m["drop_path"],
         pretrained=m["pretrained"] if with_pretrained else None,
+        backbone_kwargs=dict(
+            drop_rate=m["drop_rate"], attn_drop_rate=m["attn_drop_rate"], fused_attn=m["fused_attn"]
+        ),
     )
     if m["name"] == "baseline":
         kwargs.update(

@@ -94,7 +94,7 @@ class Trainer:
 
         self.train_ds, self.test_ds = build_datasets(cfg)
         self.num_classes = self.train_ds.num_train_pids
-        self.num_cameras = self.train_ds.num_train_cams
+        self.num_cameras = self.train_ds.num_cams  # sizes the SIE table (cameras of all splits)
         self.train_loader, self.sampler = build_train_loader(cfg, self.train_ds, self.seed)
         self.query = list(self.test_ds.query)
         self.gallery = list(self.test_ds.gallery)

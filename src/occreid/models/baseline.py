@@ -1,0 +1,96 @@
+"""The TransReID ViT baseline (``build_transformer`` without JPM; spec §3.1-3.2).
+
+::
+
+    tokens      = backbone(images, cam_ids)        # [B, 1+N, D], after the final LayerNorm
+    global_feat = tokens[:, 0]                      # [B, D]   cls token -> triplet loss
+    feat        = BNNeck(global_feat)               # [B, D]   weight 1, frozen bias 0
+    logits      = Classifier(feat)                  # [B, C]   bias-free, N(0, 0.001) -> ID loss
+
+Loss (weights 1:1 in TransReID): ``id_loss_weight * CE(logits, pids)`` (label smoothing
+optional, off by default) + ``triplet_loss_weight * soft-margin batch-hard triplet`` on the
+raw pre-BN ``global_feat``.
+
+Retrieval feature (eval mode): ``global_feat`` (``neck_feat="before"``, all released
+configs) or ``feat`` (``"after"``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..losses import CrossEntropyLabelSmooth, TripletLoss
+from .heads import BNNeck, Classifier
+from .registry import MODELS
+
+__all__ = ["Baseline"]
+
+NECK_FEATS = ("before", "after")
+
+
+@MODELS.register("baseline", aliases=("transreid_baseline", "vit_baseline"))
+class Baseline(nn.Module):
+    """ViT + BNNeck + ID classifier, trained with ID + triplet losses.
+
+    Args:
+        backbone: a module mapping ``(images, cam_ids)`` to tokens ``[B, 1+N, D]`` with an
+            ``embed_dim`` attribute (a :class:`~occreid.models.backbone.ViTBackbone`).
+        num_classes: number of training identities.
+        neck_feat: retrieval feature in eval mode, ``"before"`` (pre-BN, default) or
+            ``"after"`` (post-BN).
+        label_smoothing: epsilon of the ID loss (0 = plain cross-entropy, the default).
+        triplet_margin: ``None`` = soft-margin triplet (default), else the hard margin.
+        id_loss_weight, triplet_loss_weight: loss weights (1.0 each by default).
+
+    Attributes ``base``, ``bottleneck``, ``classifier`` are named as in TransReID so that
+    its trained checkpoints map key for key (apart from the unused ``base.fc.*``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        neck_feat: str = "before",
+        label_smoothing: float = 0.0,
+        triplet_margin: Optional[float] = None,
+        id_loss_weight: float = 1.0,
+        triplet_loss_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if neck_feat not in NECK_FEATS:
+            raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.base = backbone
+        self.feature_dim: int = int(backbone.embed_dim)
+        self.num_classes = int(num_classes)
+        self.neck_feat = neck_feat
+        self.bottleneck = BNNeck(self.feature_dim)
+        self.classifier = Classifier(self.feature_dim, self.num_classes)
+        self.id_loss = CrossEntropyLabelSmooth(self.num_classes, label_smoothing)
+        self.triplet_loss = TripletLoss(margin=triplet_margin)
+        self.id_loss_weight = float(id_loss_weight)
+        self.triplet_loss_weight = float(triplet_loss_weight)
+
+    def forward(
+        self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None
+    ) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
+        """Train mode: ``{"logits": [B, C], "global_feat": [B, D]}``; eval: ``[B, D]``."""
+        global_feat = self.base(images, cam_ids)[:, 0]  # cls token after the final norm
+        if self.training:
+            feat = self.bottleneck(global_feat)
+            return {"logits": self.classifier(feat), "global_feat": global_feat}
+        if self.neck_feat == "after":
+            return self.bottleneck(global_feat)
+        return global_feat
+
+    def loss(self, outputs: Dict[str, torch.Tensor], pids: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{"id": w_id * CE, "triplet": w_tri * triplet}``; the trainer sums the values."""
+        return {
+            "id": self.id_loss_weight * self.id_loss(outputs["logits"], pids),
+            "triplet": self.triplet_loss_weight * self.triplet_loss(outputs["global_feat"], pids),
+        }
