@@ -54,6 +54,9 @@ DEFAULTS: Dict[str, Any] = {
         "pixel_mean": [0.5, 0.5, 0.5],
         "pixel_std": [0.5, 0.5, 0.5],
         "color_jitter": None,  # e.g. [0.1, 0.1, 0.1, 0.0] (FED)
+        "occluders": None,  # FED's NPO patch folder (default: <dataset>/occluders or crop_backgrounds)
+        "npo_vertical_ratio": 2.0,  # FED: patch h/w above this is a vertical occluder (paper: 3.0)
+        "npo_patch_aug": "official",  # FED: official (no crop) | paper (random crop of the patch)
         "num_instances": 4,
         "num_workers": 4,
         "synth_preset": "demo",  # used when name is synthocc and the folder does not exist yet

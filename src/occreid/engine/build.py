@@ -83,15 +83,32 @@ def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
             f"dataset {dataset.name!r} at {dataset.root} has no training split; "
             "train on another dataset and set data.test_name to evaluate on this one"
         )
-    transform = build_train_transform(
-        tuple(d["size_train"]),
-        flip_prob=d["flip_prob"],
-        padding=d["padding"],
-        re_prob=d["re_prob"],
-        mean=tuple(d["pixel_mean"]),
-        std=tuple(d["pixel_std"]),
-        color_jitter=tuple(d["color_jitter"]) if d.get("color_jitter") else None,
-    )
+    size = tuple(d["size_train"])
+    jitter = tuple(d["color_jitter"]) if d.get("color_jitter") else None
+    if cfg["model"]["name"] == "fed":
+        # FED trains on 7-channel samples: clean view, NPO-occluded view, |difference|.
+        from ..data.npo import NPOTransform, build_npo_common_transform, find_occluder_folder
+
+        folder = d.get("occluders") or find_occluder_folder(dataset.root)
+        transform = NPOTransform(
+            folder,
+            size,
+            common=build_npo_common_transform(size, color_jitter=jitter, flip_prob=d["flip_prob"], padding=d["padding"]),
+            mean=tuple(d["pixel_mean"]),
+            std=tuple(d["pixel_std"]),
+            vertical_ratio=float(d["npo_vertical_ratio"]),
+            patch_aug=str(d["npo_patch_aug"]),
+        )
+    else:
+        transform = build_train_transform(
+            size,
+            flip_prob=d["flip_prob"],
+            padding=d["padding"],
+            re_prob=d["re_prob"],
+            mean=tuple(d["pixel_mean"]),
+            std=tuple(d["pixel_std"]),
+            color_jitter=jitter,
+        )
     world = du.get_world_size()
     sampler = RandomIdentitySampler(
         [r.pid for r in dataset.train],
