@@ -46,6 +46,7 @@ DEFAULTS: Dict[str, Any] = {
         "test_name": None,  # cross-dataset protocol: test on another dataset (e.g. occluded_reid)
         "test_root": None,
         "kwargs": {},  # extra dataset arguments (e.g. combine_val for msmt17)
+        "test_kwargs": {},  # extra arguments of the test dataset (e.g. gallery_camid for occluded_reid)
         "size_train": [256, 128],
         "size_test": [256, 128],
         "flip_prob": 0.5,
@@ -54,6 +55,7 @@ DEFAULTS: Dict[str, Any] = {
         "pixel_mean": [0.5, 0.5, 0.5],
         "pixel_std": [0.5, 0.5, 0.5],
         "color_jitter": None,  # e.g. [0.1, 0.1, 0.1, 0.0] (FED)
+        "color_jitter_position": "before_resize",  # FED: before_resize; DPM (Occluded-REID): after_resize
         "occluders": None,  # FED's NPO patch folder (default: <dataset>/occluders or crop_backgrounds)
         "npo_vertical_ratio": 2.0,  # FED: patch h/w above this is a vertical occluder (paper: 3.0)
         "npo_patch_aug": "official",  # FED: official (no crop) | paper (random crop of the patch)
@@ -100,7 +102,7 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 # Sub-trees whose keys are free-form (checked by the component that consumes them).
-_FREE_FORM = {("model", "kwargs"), ("data", "kwargs")}
+_FREE_FORM = {("model", "kwargs"), ("data", "kwargs"), ("data", "test_kwargs")}
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:

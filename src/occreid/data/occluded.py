@@ -11,6 +11,8 @@ gallery image with the same index as the query, and change the numbers.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import ClassVar, List, Optional, Tuple
 
@@ -53,6 +55,21 @@ class _TwoFolderTestSet(ReIDDataset):
     #: (query folder, gallery folder) of a Market-style renamed copy, if one is accepted.
     renamed_dirs: ClassVar[Optional[Tuple[str, str]]] = None
 
+    def __init__(
+        self, root: "str | os.PathLike", query_camid: int = QUERY_CAMID, gallery_camid: int = GALLERY_CAMID
+    ) -> None:
+        """``query_camid``/``gallery_camid`` are the made-up cameras (defaults 0 and 1). They must
+        differ so that the same-id same-camera filter removes nothing; they matter beyond that
+        only for a model with a camera embedding (SIE): DPM's renaming script gives the gallery
+        camera index 2, so its Market -> Occluded-REID config sets ``gallery_camid: 2``."""
+        if int(query_camid) == int(gallery_camid):
+            raise OccReIDError(
+                f"{type(self).__name__}: query_camid and gallery_camid must differ (got {query_camid}); "
+                "otherwise every true match is removed by the same-camera filter"
+            )
+        self.query_camid, self.gallery_camid = int(query_camid), int(gallery_camid)
+        super().__init__(root)
+
     def _parse_original(self, folder: Path) -> List[Tuple[str, int]]:
         items = list_images_tree(folder)
         if not items:
@@ -81,8 +98,8 @@ class _TwoFolderTestSet(ReIDDataset):
             parse = self._parse_renamed
         else:
             parse = self._parse_original
-        query = [ImageRecord(p, pid, QUERY_CAMID) for p, pid in parse(self._require_dir(q_sub))]
-        gallery = [ImageRecord(p, pid, GALLERY_CAMID) for p, pid in parse(self._require_dir(g_sub))]
+        query = [ImageRecord(p, pid, self.query_camid) for p, pid in parse(self._require_dir(q_sub))]
+        gallery = [ImageRecord(p, pid, self.gallery_camid) for p, pid in parse(self._require_dir(g_sub))]
         return [], query, gallery
 
 

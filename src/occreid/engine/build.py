@@ -68,7 +68,9 @@ def build_datasets(cfg: Dict[str, Any]):
     train_ds = build_dataset(d["name"], _dataset_root(cfg, d["name"], d["root"]), **kwargs)
     if d.get("test_name"):
         troot = d.get("test_root") or d["root"]
-        test_ds = build_dataset(d["test_name"], _dataset_root(cfg, d["test_name"], troot))
+        test_ds = build_dataset(
+            d["test_name"], _dataset_root(cfg, d["test_name"], troot), **dict(d.get("test_kwargs") or {})
+        )
     else:
         test_ds = train_ds
     return train_ds, test_ds
@@ -108,6 +110,7 @@ def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
             mean=tuple(d["pixel_mean"]),
             std=tuple(d["pixel_std"]),
             color_jitter=jitter,
+            color_jitter_position=d["color_jitter_position"],
         )
     world = du.get_world_size()
     sampler = RandomIdentitySampler(
