@@ -147,14 +147,10 @@ def evaluate_features(
 
 def summarise(res: Mapping[str, Any]) -> Dict[str, Any]:
     cmc = np.asarray(res["cmc"], dtype=np.float64)
-
-    def at(k: int) -> float:
-        return float(cmc[min(k, len(cmc)) - 1])
-
     return {
-        "rank1": at(1),
-        "rank5": at(5),
-        "rank10": at(10),
+        "rank1": float(res["rank1"]),
+        "rank5": float(res["rank5"]),
+        "rank10": float(res["rank10"]),
         "mAP": float(res["mAP"]),
         "mINP": float(res["mINP"]),
         "num_valid_queries": int(res["num_valid_queries"]),
