@@ -68,21 +68,9 @@ def cmd_test(args) -> int:
     if args.config:
         cfg = _cfg_from_args(args)
     else:  # the checkpoint's own config, with command-line overrides
-        from .config import merge, _check_keys, DEFAULTS, parse_override, validate
-
-        cfg = merge(DEFAULTS, ckpt["config"])
-        ov = []
-        if args.data_root:
-            ov.append(f"data.root={args.data_root}")
-        if args.output:
-            ov.append(f"output_dir={args.output}")
-        if args.device:
-            ov.append(f"device={args.device}")
-        for item in ov + list(args.overrides or []):
-            upd = parse_override(item)
-            _check_keys(upd, DEFAULTS, (), f"override {item!r}")
-            cfg = merge(cfg, upd)
-        validate(cfg)
+        ov = [f"{k}={v}" for k, v in (("data.root", args.data_root), ("output_dir", args.output),
+                                        ("device", args.device)) if v]
+        cfg = load_config(None, ov + list(args.overrides or []), base=ckpt["config"])
     meta = ckpt["model_meta"]
     for key in ("name", "backbone"):
         want = meta["method"] if key == "name" else meta["backbone"]

@@ -188,9 +188,14 @@ def load_config(
     path: Optional[os.PathLike] = None,
     overrides: Iterable[str] = (),
     extra: Optional[Mapping] = None,
+    base: Optional[Mapping] = None,
 ) -> Dict[str, Any]:
-    """Defaults <- YAML file (with ``_base_``) <- ``extra`` mapping <- ``key=value`` overrides."""
+    """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file (with ``_base_``) <-
+    ``extra`` mapping <- ``key=value`` overrides."""
     cfg = copy.deepcopy(DEFAULTS)
+    if base:
+        _check_keys(base, DEFAULTS, (), "the stored config")
+        cfg = merge(cfg, base)
     if path is not None:
         data = _read_yaml(Path(path))
         _check_keys(data, DEFAULTS, (), str(path))

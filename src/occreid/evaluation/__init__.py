@@ -17,6 +17,7 @@ from .distance import (
     normalize_features,
 )
 from .rank import BlockDistance, RankResult, evaluate_rank
+from .masked_distance import MaskedCosineDistance, masked_distance_matrix
 from .rerank import re_ranking
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "DISTANCE_METRICS",
     "DistanceBlocks",
     "EvaluationInputError",
+    "MaskedCosineDistance",
+    "masked_distance_matrix",
     "RankResult",
     "compute_distance",
     "evaluate_rank",
