@@ -4,6 +4,10 @@
     occreid train --config configs/occluded_duke/vit_base.yaml --data-root DATA [key=value ...]
     occreid test  --config CFG --weights OUTPUT/model_final.pth [--data-root DATA]
     occreid synth --out DIR [--preset demo] [--seed 0] [--preview grid.png]
+    occreid index --weights CKPT --images DIR --out INDEX [--faiss flat|ivf|ivfpq|hnsw]
+    occreid search --index INDEX --query IMG [IMG ...] [--topk 10]
+    occreid visualize --weights CKPT --out DIR [--data-root DATA] [--images IMG ...]
+    occreid export --weights CKPT --out reid.onnx|reid.safetensors [--check]
 """
 
 from __future__ import annotations
@@ -163,13 +167,292 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="SynthOcc + tiny ViT on the CPU: train, evaluate, draw results")
     d.add_argument("--output", default="outputs/demo")
     d.add_argument("--data-root", default="data")
-    d.add_argument("--method", default="baseline")
+    d.add_argument("--method", default="baseline", help="baseline | fed | dpm")
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="auto")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=cmd_demo)
+
+    _add_use_commands(sub)  # index, search, visualize, export (using a trained model)
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# Using a trained model: index, search, visualize, export
+# --------------------------------------------------------------------------------------------
+
+
+def _extractor_from_args(args, weights: Optional[str] = None):
+    from .inference import FeatureExtractor
+
+    return FeatureExtractor(
+        weights or args.weights,
+        device=args.device or "auto",
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+    )
+
+
+def cmd_index(args) -> int:
+    from .retrieval import GalleryIndex
+
+    ex = _extractor_from_args(args)
+    index = GalleryIndex.from_folder(ex, args.images)
+    if args.faiss:
+        kw = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
+        index.add_faiss(args.faiss, **kw)
+    index.save(args.out)
+    ids = "person/camera ids from the file names" if index.pids is not None else "no ids (file names are not <pid>_c<cam>...)"
+    extra = f", faiss {index.faiss.describe()}" if index.faiss is not None else ""
+    print(f"indexed {len(index)} images from {args.images}: {index.dim}-d {ex.method}/{ex.backbone} features "
+          f"(model {ex.fingerprint}), {ids}, distance {index.retrieval['distance']}{extra}")
+    print(f"index written to {args.out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .retrieval import GalleryIndex
+
+    index = GalleryIndex.load(args.index)
+    weights = args.weights or index.model.get("weights")
+    if not weights:
+        raise OccReIDError(f"{args.index} does not record its model weights; pass --weights CKPT")
+    if not Path(weights).is_file():
+        raise OccReIDError(
+            f"the index was built with weights {weights}, which no longer exist; pass --weights with "
+            "the same model (or rebuild the index)"
+        )
+    ex = _extractor_from_args(args, weights)
+    index.check_model(ex)
+    if index.faiss is not None and args.nprobe is not None:
+        index.faiss.set_nprobe(args.nprobe)
+    queries = list(args.query)
+    feats = ex.extract(queries, cam_ids=[args.query_camid] * len(queries) if ex.uses_cameras else None)
+    res = index.search(feats, k=args.topk, backend=args.backend)
+    rows = res.to_dicts()
+    if args.json:
+        payload = json.dumps([{"query": q, "results": r, "backend": res.backend} for q, r in zip(queries, rows)], indent=2)
+        if args.json == "-":
+            print(payload)
+            return 0
+        from .utils.io import atomic_write_text
+
+        atomic_write_text(payload + "\n", args.json)
+    score = "masked cosine" if index.is_masked else "cosine"
+    for q, r in zip(queries, rows):
+        print(f"query {q}  (top {len(r)} of {len(index)}, {res.backend}, score = {score})")
+        for item in r:
+            pid = f"  pid {item['pid']:>5}" if "pid" in item else ""
+            print(f"  {item['rank']:>3}  {item['score']:.6f}{pid}  {item['path']}")
+    if args.json:
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _pick_queries(query, per_type: int, limit: int) -> List[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    kinds = [getattr(r, "occlusion", None) for r in query]
+    chosen: List[int] = []
+    for kind in ("holistic", "npo", "ntp"):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if idx:
+            chosen += sorted(rng.choice(idx, size=min(per_type, len(idx)), replace=False).tolist())
+    if not chosen:
+        chosen = sorted(rng.choice(len(query), size=min(limit, len(query)), replace=False).tolist())
+    return chosen[:limit]
+
+
+def cmd_visualize(args) -> int:
+    """Dataset mode: metrics, ranked lists, FED/DPM pictures and an HTML report for a checkpoint
+    on its test set. Image mode (--images): FED stripe scores / DPM mask statistics."""
+    import numpy as np
+    import torch
+
+    from .viz.occlusion import draw_mask_statistics, draw_occlusion_scores, mask_statistics
+    from .viz.report import write_report
+
+    ex = _extractor_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scale = args.scale or max(1.0, 128.0 / ex.img_size[0])  # thumbnails at least 128 px high
+    thumb = tuple(int(round(v * scale)) for v in ex.img_size)
+    written: List[Path] = []
+    if args.images:
+        paths = list(args.images)
+        res = ex.extract(paths, cam_ids=[0] * len(paths) if ex.uses_cameras else None)
+        names = [Path(p).name for p in paths]
+        if "part_scores" in res:
+            written.append(draw_occlusion_scores(paths, res["part_scores"], out / "fed_occlusion_scores.png",
+                                                 labels=names, thumb_size=thumb))
+        if "mask" in res:
+            written.append(draw_mask_statistics(res["mask"], out / "dpm_mask_statistics.png"))
+        if not written:
+            raise OccReIDError(
+                f"a {ex.method} model has no per-image occlusion output to draw for --images; for ranked lists "
+                "run visualize on a dataset (--data-root) or use `occreid search`"
+            )
+        for p in written:
+            print(f"wrote {p}")
+        return 0
+
+    from .config import load_config
+    from .engine.build import build_datasets
+    from .evaluation.extract import evaluate_features
+    from .retrieval import GalleryIndex
+    from .utils.io import atomic_write_text
+    from .viz.curves import plot_training_log
+    from .viz.ranklist import draw_ranked_lists
+
+    ov = [f"data.root={args.data_root}"] if args.data_root else []
+    cfg = load_config(None, ov + list(args.overrides or []), base=ex.config)
+    _, test_ds = build_datasets(cfg)
+    query, gallery = list(test_ds.query), list(test_ds.gallery)
+    recs = query + gallery
+    feats = ex.extract([r.path for r in recs], cam_ids=[r.camid for r in recs] if ex.uses_cameras else None)
+    nq = len(query)
+    q = {k: v[:nq] for k, v in feats.items()}
+    g = {k: v[nq:] for k, v in feats.items()}
+    for part, rr in ((q, query), (g, gallery)):
+        part["pids"] = torch.tensor([r.pid for r in rr])
+        part["camids"] = torch.tensor([r.camid for r in rr])
+    groups = [getattr(r, "occlusion", None) for r in query]
+    t = cfg["test"]
+    metrics = evaluate_features(q, g, model=ex.model, feat_norm=True, metric=t["metric"],
+                                max_rank=int(t["max_rank"]), query_groups=groups)
+    metrics.update(dataset=test_ds.name, method=ex.method, checkpoint=str(args.weights))
+    atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
+
+    # ranked lists of a few queries per occlusion type (same id + same camera removed, as evaluated)
+    chosen = _pick_queries(query, args.per_type, args.num_queries)
+    index = GalleryIndex(g["feat"], [r.path for r in gallery], pids=g["pids"], camids=g["camids"],
+                         retrieval=ex.retrieval)
+    sel = {k: v[chosen] for k, v in q.items() if k in ("feat", "mask")}
+    ranking = index.search(sel, k=len(gallery), backend="exact").indices.numpy()  # [n, G], best first
+    qp = q["pids"].numpy()[chosen][:, None]
+    qc = q["camids"].numpy()[chosen][:, None]
+    gp, gc = g["pids"].numpy()[ranking], g["camids"].numpy()[ranking]
+    keep = ~((gp == qp) & (gc == qc))
+    order = np.argsort(~keep, axis=1, kind="stable")[:, : args.topk]  # kept items first, rank order kept
+    ranked = np.take_along_axis(ranking, order, 1)
+    matches = np.take_along_axis(gp, order, 1) == qp
+    short = {"holistic": "hol"}
+    labels = [f"{query[i].pid} {short.get(groups[i], groups[i] or '')}".strip() for i in chosen]
+    sections = []
+    rl = draw_ranked_lists([query[i].path for i in chosen], [r.path for r in gallery], ranked, matches,
+                           out / "ranked_lists.png", query_labels=labels, thumb_size=thumb)
+    written.append(rl)
+    sections.append(("Ranked lists (green = same person, red = another person)", [(rl, f"top-{args.topk} of {len(chosen)} queries")]))
+    extra = None
+    if "part_scores" in q:
+        png = draw_occlusion_scores([query[i].path for i in chosen], q["part_scores"][chosen],
+                                    out / "fed_occlusion_scores.png", labels=labels, thumb_size=thumb)
+        written.append(png)
+        sections.append(("FED occlusion scores per stripe", [(png, "OEM score per horizontal stripe (1 = visible)")]))
+    if "mask" in q:
+        png = draw_mask_statistics(q["mask"], out / "dpm_mask_statistics.png", groups=groups)
+        written.append(png)
+        extra = {"dpm_query_masks": mask_statistics(q["mask"], groups)}
+        sections.append(("DPM mask statistics (queries)", [(png, "HMG channel masks of the query images")]))
+    log = Path(args.weights).with_name("log.jsonl")
+    if log.is_file():
+        png = plot_training_log(log, out / "curves.png")
+        written.append(png)
+        sections.insert(0, ("Training curves", [(png, str(log))]))
+    info = {"checkpoint": str(args.weights), "method": ex.method, "backbone": ex.backbone,
+            "feature dim": ex.feature_dim, "input (H x W)": f"{ex.img_size[0]} x {ex.img_size[1]}",
+            "fingerprint": ex.fingerprint, "dataset": f"{test_ds.name}: {nq} queries, {len(gallery)} gallery images",
+            "distance": ex.retrieval["distance"]}
+    report = write_report(out / "report.html", title=f"occreid: {ex.method} on {test_ds.name}", info=info,
+                          metrics=metrics, sections=sections, extra=extra)
+    _print_metrics(metrics)
+    for p in written + [out / "metrics.json", report]:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx, export_safetensors
+
+    fmt = args.format or {".onnx": "onnx", ".safetensors": "safetensors"}.get(Path(args.out).suffix)
+    if fmt is None:
+        raise OccReIDError(f"cannot tell the export format from {args.out!r}: name it *.onnx or *.safetensors, or pass --format")
+    ex = _extractor_from_args(args)
+    if fmt == "safetensors":
+        path = export_safetensors(ex, args.out)
+        print(f"weights: {path}\nsidecar: {path.with_suffix('.json')}\nfeature dim {ex.feature_dim}, input "
+              f"{ex.img_size[0]}x{ex.img_size[1]} RGB, model {ex.fingerprint}")
+        if args.check:
+            from .export import load_export
+
+            back = load_export(path, device=ex.device)
+            x = ex.preprocess([__import__("numpy").zeros((*ex.img_size, 3), dtype="uint8")] * 2)
+            a, b = ex.forward_batch(x), back.forward_batch(x)
+            print(f"check: reloaded fingerprint {back.fingerprint}, max |feat difference| "
+                  f"{float((a['feat'] - b['feat']).abs().max()):.2e}")
+        return 0
+    path = export_onnx(ex, args.out, opset=args.opset)
+    print(f"onnx: {path}\nsidecar: {path.with_name(path.name + '.json')}\ninput images [B, 3, {ex.img_size[0]}, "
+          f"{ex.img_size[1]}] RGB float in [0, 1]" + (", cam_ids [B] int64" if ex.uses_cameras else ""))
+    if args.check:
+        from .export import check_onnx
+
+        diffs = check_onnx(path, ex, batch_size=args.check_batch)
+        print("check (onnxruntime vs PyTorch, batch of "
+              f"{args.check_batch}): " + ", ".join(f"max |{k} difference| {v:.2e}" for k, v in diffs.items()))
+    return 0
+
+
+def _add_use_commands(sub) -> None:
+    def common(c, weights_required: bool = True):
+        c.add_argument("--weights", required=weights_required, help="occreid checkpoint (model_final.pth) or .safetensors export")
+        c.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+        c.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+        c.add_argument("--workers", type=int, default=0, help="image decoding workers")
+
+    i = sub.add_parser("index", help="extract features of a folder of images into a gallery index")
+    common(i)
+    i.add_argument("--images", required=True, help="folder of gallery images (searched recursively)")
+    i.add_argument("--out", required=True, help="index file to write")
+    i.add_argument("--faiss", help="also build a faiss index: flat (exact), ivf, ivfpq, hnsw or a factory string")
+    i.add_argument("--nlist", type=int, help="IVF cells (default 4*sqrt(N))")
+    i.add_argument("--nprobe", type=int, help="IVF cells visited per query (default 32)")
+    i.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="search a gallery index with query images")
+    common(s, weights_required=False)
+    s.add_argument("--index", required=True, help="index written by `occreid index`")
+    s.add_argument("--query", required=True, nargs="+", help="query image(s)")
+    s.add_argument("--topk", type=int, default=10)
+    s.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss"],
+                   help="auto: the index's faiss index when it has one, else exact")
+    s.add_argument("--nprobe", type=int, help="IVF cells visited per query")
+    s.add_argument("--query-camid", type=int, default=0, help="camera id of the queries (SIE models only)")
+    s.add_argument("--json", help="also write the results as JSON to this file ('-' = print JSON only)")
+    s.set_defaults(func=cmd_search)
+
+    v = sub.add_parser("visualize", help="ranked lists, occlusion pictures and an HTML report")
+    common(v)
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--data-root", help="dataset folder (default: the checkpoint's data.root)")
+    v.add_argument("--images", nargs="+", help="draw FED stripe scores / DPM mask statistics for these images only")
+    v.add_argument("--num-queries", type=int, default=9, help="queries in the ranked-list picture")
+    v.add_argument("--per-type", type=int, default=3, help="queries per occlusion type (holistic/npo/ntp)")
+    v.add_argument("--topk", type=int, default=8)
+    v.add_argument("--scale", type=float, help="thumbnail size relative to the model input (default: >= 128 px high)")
+    v.add_argument("overrides", nargs="*", help="config overrides for the test data, e.g. data.test_name=...")
+    v.set_defaults(func=cmd_visualize)
+
+    e = sub.add_parser("export", help="export to ONNX or safetensors (+ JSON sidecar)")
+    common(e)
+    e.add_argument("--out", required=True, help="reid.onnx or reid.safetensors")
+    e.add_argument("--format", choices=["onnx", "safetensors"], help="default: from the --out suffix")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--check", action="store_true", help="compare the export's output with PyTorch's")
+    e.add_argument("--check-batch", type=int, default=8)
+    e.set_defaults(func=cmd_export)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,13 +17,11 @@ from .utils.io import OccReIDError
 
 logger = logging.getLogger(__name__)
 
-DEMO_CONFIGS = {"baseline": "synthocc/baseline_demo.yaml"}
-
-
-def demo_config(method: str = "baseline", **overrides) -> Dict:
-    if method not in DEMO_CONFIGS:
-        raise OccReIDError(f"demo method {method!r} is not available; choose from {', '.join(DEMO_CONFIGS)}")
-    return load_config(config_path(DEMO_CONFIGS[method]), [f"{k}={v}" for k, v in overrides.items()])
+DEMO_CONFIGS = {
+    "baseline": "synthocc/baseline_demo.yaml",
+    "fed": "synthocc/fed_demo.yaml",
+    "dpm": "synthocc/dpm_demo.yaml",
+}
 
 
 def run_demo(

@@ -474,6 +474,10 @@ _register(
 _register("deit_small_patch16", ViTSpec(384, 12, 6, description="DeiT-S/16"))
 _register("vit_tiny_patch16", ViTSpec(192, 12, 3, description="ViT-Ti/16 (timm vit_tiny)"))
 _register(
+    "vit_mini_patch16",
+    ViTSpec(128, 4, 4, description="CPU demo model: D128, depth 4, heads 4, patch 16 (0.9 M parameters)"),
+)
+_register(
     "vit_micro_patch8",
     ViTSpec(96, 6, 3, patch_size=8, description="CPU demo model: D96, depth 6, heads 3, patch 8"),
 )
