@@ -143,3 +143,16 @@ def test_ddp_two_processes_equal_accumulated_single_process(market, tmp_path):
     plain.train()
     diff = max((plain.unwrapped.state_dict()[k] - ref[k]).abs().max().item() for k in ref)
     assert diff > 1e-4  # the per-process BN/triplet difference is real
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_runs_and_is_finite(market, tmp_path, amp):
+    t = Trainer(_cfg(market, tmp_path / amp, "solver.max_epochs=1", f"solver.amp={amp}"))
+    assert t.amp == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert t.scaler.is_enabled() == (amp == "fp16")  # fp16 needs the gradient scaler, bf16 does not
+    before = _params(t.unwrapped)
+    m = t.train()
+    after = _params(t.unwrapped)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert 0.0 <= m["mAP"] <= 1.0

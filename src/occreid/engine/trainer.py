@@ -122,7 +122,8 @@ class Trainer:
                 min_lr=s["min_lr_factor"] * s["base_lr"],
             )
             self.optimizers, self.schedulers = [opt], [sched]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        # fp16: dynamic loss scaling; starting at 2**10 rather than 2**16 skips fewer early steps
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**10, enabled=self.amp == torch.float16)
 
         self.model: nn.Module = model
         if self.world > 1:
