@@ -120,7 +120,9 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         hint = ""
         if isinstance(obj, dict) and any(str(k).startswith(("base.", "module.base.")) for k in obj):
             hint = " It looks like an official TransReID/FED/DPM checkpoint; those are not loaded as --weights."
-        elif isinstance(obj, dict) and ("pos_embed" in obj or "model" in obj):
+        elif isinstance(obj, dict) and (
+            "pos_embed" in obj or (isinstance(obj.get("model"), dict) and "pos_embed" in obj["model"])
+        ):
             hint = " It looks like ImageNet backbone weights: pass them as model.pretrained=PATH for training."
         raise OccReIDError(f"{p} is not an occreid checkpoint.{hint}")
     return obj
