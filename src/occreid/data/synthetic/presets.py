@@ -1,0 +1,148 @@
+"""SynthOcc presets: how many identities, images, cameras and occlusions to generate.
+
+``tiny`` is for tests (about 150 images, a couple of seconds), ``demo`` is the default of
+``occreid demo`` (a tiny ViT learns it on two CPU cores in minutes), ``full`` mirrors the
+proportions of Occluded-Duke (702 training ids, 519 query ids, 1,110 gallery ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+__all__ = ["Preset", "PRESETS", "TINY", "DEMO", "FULL"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and rates of one SynthOcc variant. Ranges ``(lo, hi)`` are inclusive.
+
+    Attributes:
+        name: preset name, written to ``synthocc.json``.
+        num_train_ids: identities in ``bounding_box_train/``.
+        num_query_ids: test identities; each has queries and gallery images.
+        num_distractor_ids: gallery-only identities (no queries).
+        num_cameras: cameras used (1..8); camera ids in file names are 1-based.
+        train_images_per_id: images per training identity.
+        gallery_images_per_id: gallery images per test identity (>= 2, in >= 2 cameras).
+        distractor_images_per_id: gallery images per distractor identity.
+        extra_queries_per_id: extra queries (random type) on top of the holistic, NPO and
+            NTP query every test identity gets.
+        cameras_per_id: how many cameras a test identity walks past (training
+            identities: 2 to 4).
+        train_occluded_ratio: share of occluded training images (Occluded-Duke: mostly
+            holistic training set).
+        gallery_occluded_ratio: share of occluded gallery images beyond the two holistic
+            ones every test identity has.
+        ntp_share: share of NTP (person) among occluded train/gallery images; the rest NPO.
+        npo_fraction: range of the box fraction an NPO object covers.
+        npo_side_weights: relative frequency of NPO on (top, bottom, left, right).
+        family_size: identities per outfit family (siblings share upper or lower body).
+        family_kind_weights: relative frequency of (shared upper, shared lower, singleton)
+            families.
+        ntp_pool_size: non-dataset pedestrians used as NTP occluders.
+        ntp_other_id_ratio: share of NTP occluders that are another identity of the same
+            split instead of a non-dataset pedestrian.
+        num_occluder_patches: crops in ``occluders/`` (FED's NPO patch bank).
+        image_size: saved box size (height, width).
+    """
+
+    name: str
+    num_train_ids: int
+    num_query_ids: int
+    num_distractor_ids: int
+    num_cameras: int = 6
+    train_images_per_id: Tuple[int, int] = (8, 12)
+    gallery_images_per_id: Tuple[int, int] = (6, 10)
+    distractor_images_per_id: Tuple[int, int] = (3, 6)
+    extra_queries_per_id: Tuple[int, int] = (0, 1)
+    cameras_per_id: Tuple[int, int] = (3, 5)
+    train_occluded_ratio: float = 0.12
+    gallery_occluded_ratio: float = 0.08
+    ntp_share: float = 0.4
+    npo_fraction: Tuple[float, float] = (0.25, 0.5)
+    npo_side_weights: Tuple[float, float, float, float] = (0.2, 0.4, 0.2, 0.2)
+    family_size: Tuple[int, int] = (2, 4)
+    family_kind_weights: Tuple[float, float, float] = (0.4, 0.4, 0.2)
+    ntp_pool_size: int = 60
+    ntp_other_id_ratio: float = 0.5
+    num_occluder_patches: int = 40
+    image_size: Tuple[int, int] = (128, 64)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"preset {self.name!r}: {what}")
+
+        check(self.num_train_ids >= 1 and self.num_query_ids >= 1, "needs train and query ids")
+        check(self.num_distractor_ids >= 0, "num_distractor_ids must be >= 0")
+        check(2 <= self.num_cameras <= 8, "num_cameras must be 2..8 (Duke-style c1..c8)")
+        total = self.num_train_ids + self.num_query_ids + self.num_distractor_ids
+        check(total <= 9999, "at most 9999 identities (4-digit pids)")
+        for field in ("train_images_per_id", "gallery_images_per_id", "distractor_images_per_id",
+                      "extra_queries_per_id", "cameras_per_id", "family_size"):
+            lo, hi = getattr(self, field)
+            check(0 <= lo <= hi, f"{field} must be an ordered (lo, hi) range")
+        check(self.gallery_images_per_id[0] >= 2, "test ids need >= 2 gallery images")
+        check(self.train_images_per_id[0] >= 1, "train ids need >= 1 image")
+        check(self.cameras_per_id[0] >= 2 and self.cameras_per_id[1] <= self.num_cameras,
+              "cameras_per_id must lie in 2..num_cameras")
+        check(self.family_size[0] >= 1, "family_size must be >= 1")
+        lo, hi = self.npo_fraction
+        check(0.0 < lo <= hi < 0.7, "npo_fraction must lie in (0, 0.7)")
+        for field in ("train_occluded_ratio", "gallery_occluded_ratio", "ntp_share",
+                      "ntp_other_id_ratio"):
+            check(0.0 <= getattr(self, field) <= 1.0, f"{field} must lie in [0, 1]")
+        check(self.num_occluder_patches >= 2, "need >= 2 occluder patches (tall and wide)")
+        check(self.ntp_pool_size >= 1, "ntp_pool_size must be >= 1")
+        check(len(self.image_size) == 2 and min(self.image_size) >= 16,
+              "image_size must be (height, width), both >= 16")
+
+
+TINY = Preset(
+    name="tiny",
+    num_train_ids=12,
+    num_query_ids=8,
+    num_distractor_ids=2,
+    num_cameras=6,
+    train_images_per_id=(5, 7),
+    gallery_images_per_id=(4, 5),
+    distractor_images_per_id=(3, 3),
+    extra_queries_per_id=(0, 0),
+    cameras_per_id=(3, 4),
+    ntp_pool_size=8,
+    num_occluder_patches=8,
+)
+
+DEMO = Preset(
+    name="demo",
+    num_train_ids=150,
+    num_query_ids=100,
+    num_distractor_ids=30,
+    num_cameras=6,
+    train_images_per_id=(8, 12),
+    gallery_images_per_id=(8, 10),
+    distractor_images_per_id=(3, 6),
+    extra_queries_per_id=(0, 1),
+    cameras_per_id=(3, 5),
+    ntp_pool_size=60,
+    num_occluder_patches=40,
+)
+
+FULL = Preset(
+    name="full",
+    num_train_ids=702,
+    num_query_ids=519,
+    num_distractor_ids=591,
+    num_cameras=8,
+    train_images_per_id=(14, 30),
+    gallery_images_per_id=(10, 18),
+    distractor_images_per_id=(6, 14),
+    extra_queries_per_id=(0, 2),
+    cameras_per_id=(3, 6),
+    ntp_pool_size=200,
+    num_occluder_patches=80,
+)
+
+#: Preset name -> Preset.
+PRESETS: Dict[str, Preset] = {p.name: p for p in (TINY, DEMO, FULL)}
