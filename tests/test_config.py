@@ -84,3 +84,10 @@ def test_config_path_lookup():
     assert config_path("configs/occluded_duke/vit_base.yaml").is_file()
     with pytest.raises(OccReIDError, match="not found"):
         config_path("nope/nothing.yaml")
+
+
+def test_load_config_by_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: only the installed copy can be found
+    cfg = load_config("occluded_duke/vit_base.yaml")
+    assert cfg["data"]["name"] == "occluded_duke" and cfg["solver"]["max_epochs"] == 120
+    assert load_config("occluded_duke/dpm")["model"]["stride"] == 11

@@ -197,6 +197,9 @@ def load_config(
         _check_keys(base, DEFAULTS, (), "the stored config")
         cfg = merge(cfg, base)
     if path is not None:
+        from .configs import config_path  # a file path, or the name of a shipped config
+
+        path = config_path(str(path))
         data = _read_yaml(Path(path))
         _check_keys(data, DEFAULTS, (), str(path))
         cfg = merge(cfg, data)

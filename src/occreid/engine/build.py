@@ -113,14 +113,17 @@ def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
             color_jitter_position=d["color_jitter_position"],
         )
     world = du.get_world_size()
-    sampler = RandomIdentitySampler(
-        [r.pid for r in dataset.train],
-        batch_size=int(s["ims_per_batch"]),
-        num_instances=int(d["num_instances"]),
-        seed=seed,
-        num_replicas=world,
-        rank=du.get_rank(),
-    )
+    try:
+        sampler = RandomIdentitySampler(
+            [r.pid for r in dataset.train],
+            batch_size=int(s["ims_per_batch"]),
+            num_instances=int(d["num_instances"]),
+            seed=seed,
+            num_replicas=world,
+            rank=du.get_rank(),
+        )
+    except ValueError as exc:  # a dataset too small for the batch, a batch not divisible by the world
+        raise OccReIDError(f"{dataset.name} at {dataset.root}: {exc}") from None
     loader = torch.utils.data.DataLoader(
         ImageDataset(dataset.train, transform),
         batch_size=int(s["ims_per_batch"]) // world,
