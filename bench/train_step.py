@@ -3,6 +3,10 @@
     python bench/train_step.py                      # ViT-S and ViT-B, 256x128, batch 64, CPU fp32
     python bench/train_step.py --device cuda --amp bf16
     python bench/train_step.py --models vit_small_patch16 --batch 16 --iters 2
+    python bench/train_step.py --methods baseline fed dpm --models vit_base_patch16 --batch 16
+
+Each method runs its real training step: the baseline's forward/loss/backward/SGD step, FED's
+(7-channel two-branch batch, memory search and update), DPM's (two optimisers, two passes).
 
 Each configuration runs in a fresh subprocess so that its peak memory is its own: CPU peak is
 the process's maximum resident set size, GPU peak is torch.cuda.max_memory_allocated. One
@@ -21,34 +25,85 @@ import sys
 import time
 
 
+class _StepHarness:
+    """The pieces of ``occreid.engine.trainer.Trainer`` that the methods' step hooks use
+    (optimisers from the model's own ``configure_optimizers`` when it has one, autocast, loss
+    scaler, ``backward_step``), without datasets."""
+
+    def __init__(self, model, device, amp):
+        import torch
+
+        from occreid.config import DEFAULTS
+        from occreid.engine.solver import build_optimizer
+        from occreid.evaluation.extract import autocast_context
+
+        self.model, self.device, self.amp = model, device, amp
+        self.cfg = {"solver": dict(DEFAULTS["solver"])}
+        hook = getattr(model, "configure_optimizers", None)
+        if hook is not None:
+            self.optimizers, _ = hook(self.cfg["solver"], list(model.named_parameters()))
+        else:
+            self.optimizers = [build_optimizer(model.named_parameters(), "SGD", base_lr=0.008)]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        self._autocast = lambda: autocast_context(device, amp)
+
+    @property
+    def unwrapped(self):
+        return self.model
+
+    def autocast(self):
+        return self._autocast()
+
+    def backward_step(self, loss, optimizer, params=None):
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def step(self, batch):
+        custom = getattr(self.model, "training_step", None)
+        if custom is not None:  # FED (memory update), DPM (two optimisers, two passes)
+            return custom(self, batch)
+        opt = self.optimizers[0]
+        opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.model(batch["images"], cam_ids=batch["camids"])
+            loss = sum(self.model.loss(out, batch["pids"]).values())
+        self.backward_step(loss, opt)
+
+
 def run_one(args) -> dict:
     import torch
 
-    from occreid.engine.solver import build_optimizer
     from occreid.models import build_model
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     h, w = args.size
+    num_classes = 702
     model = build_model(
-        args.method, num_classes=702, backbone=args.model, img_size=(h, w), stride=args.stride
+        args.method, num_classes=num_classes, backbone=args.model, img_size=(h, w), stride=args.stride
     ).to(device).train()
-    opt = build_optimizer(model.named_parameters(), "SGD", base_lr=0.008)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    harness = _StepHarness(model, device, amp)
     ids = args.batch // 4
-    images = torch.randn(args.batch, 3, h, w, device=device)
     pids = torch.arange(ids, device=device).repeat_interleave(4)
     cams = torch.zeros(args.batch, dtype=torch.long, device=device)
+    images = torch.randn(args.batch, 3, h, w, device=device)
+    if args.method == "fed":
+        # FED's 7-channel sample: clean view, occluded view, |difference| (the NPO pipeline's output)
+        occ = images.clone()
+        occ[:, :, h // 2 :] = torch.randn_like(occ[:, :, h // 2 :])
+        diff = (images - occ).abs().sum(1, keepdim=True) / 2
+        images = torch.cat([images, occ, diff], 1)
+        with torch.no_grad():  # random identity centres of the right width (the init pass is not timed)
+            model.eval()
+            width = model.memory_features(torch.randn(2, 3, h, w, device=device)).shape[1]
+            model.train()
+        model.init_memory(torch.randn(num_classes, width, device=device), torch.arange(num_classes, device=device))
+    batch = {"images": images, "pids": pids, "camids": cams}
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(images, cam_ids=cams)
-            loss = sum(model.loss(out, pids).values())
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        harness.step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -83,7 +138,8 @@ def run_one(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vit_small_patch16", "vit_base_patch16"])
-    p.add_argument("--method", default="baseline")
+    p.add_argument("--methods", nargs="+", default=["baseline"], help="baseline fed dpm")
+    p.add_argument("--method", default="baseline", help=argparse.SUPPRESS)
     p.add_argument("--size", nargs=2, type=int, default=[256, 128])
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--batch", type=int, default=64)
@@ -102,7 +158,8 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     print(f"{'method':<9}{'model':<20}{'size':<9}{'batch':>6}{'device':>8}{'amp':>6}{'step s':>9}"
           f"{'img/s':>9}{'params M':>10}{'CPU peak GiB':>14}{'GPU peak GiB':>14}")
-    for model in args.models:
+    for method, model in [(m, b) for m in args.methods for b in args.models]:
+        args.method = method
         cmd = [sys.executable, __file__, "--child", "--model", model, "--method", args.method,
                "--size", *map(str, args.size), "--stride", str(args.stride), "--batch", str(args.batch),
                "--iters", str(args.iters), "--device", args.device, "--amp", args.amp]
