@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -25,10 +26,9 @@ logger = logging.getLogger("occreid")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    from .engine import distributed as du
-
+    """INFO (DEBUG with -v) on the main process; other torchrun ranks only log warnings."""
     level = logging.DEBUG if verbose else logging.INFO
-    if not du.is_main() and "RANK" in __import__("os").environ and __import__("os").environ.get("RANK") != "0":
+    if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -250,21 +250,6 @@ def cmd_search(args) -> int:
     return 0
 
 
-def _pick_queries(query, per_type: int, limit: int) -> List[int]:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    kinds = [getattr(r, "occlusion", None) for r in query]
-    chosen: List[int] = []
-    for kind in ("holistic", "npo", "ntp"):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
-        if idx:
-            chosen += sorted(rng.choice(idx, size=min(per_type, len(idx)), replace=False).tolist())
-    if not chosen:
-        chosen = sorted(rng.choice(len(query), size=min(limit, len(query)), replace=False).tolist())
-    return chosen[:limit]
-
-
 def cmd_visualize(args) -> int:
     """Dataset mode: metrics, ranked lists, FED/DPM pictures and an HTML report for a checkpoint
     on its test set. Image mode (--images): FED stripe scores / DPM mask statistics."""
@@ -304,7 +289,7 @@ def cmd_visualize(args) -> int:
     from .retrieval import GalleryIndex
     from .utils.io import atomic_write_text
     from .viz.curves import plot_training_log
-    from .viz.ranklist import draw_ranked_lists
+    from .viz.ranklist import draw_ranked_lists, pick_queries, top_matches
 
     ov = [f"data.root={args.data_root}"] if args.data_root else []
     cfg = load_config(None, ov + list(args.overrides or []), base=ex.config)
@@ -326,18 +311,13 @@ def cmd_visualize(args) -> int:
     atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
 
     # ranked lists of a few queries per occlusion type (same id + same camera removed, as evaluated)
-    chosen = _pick_queries(query, args.per_type, args.num_queries)
+    chosen = pick_queries(query, args.per_type, args.num_queries)
     index = GalleryIndex(g["feat"], [r.path for r in gallery], pids=g["pids"], camids=g["camids"],
                          retrieval=ex.retrieval)
     sel = {k: v[chosen] for k, v in q.items() if k in ("feat", "mask")}
     ranking = index.search(sel, k=len(gallery), backend="exact").indices.numpy()  # [n, G], best first
-    qp = q["pids"].numpy()[chosen][:, None]
-    qc = q["camids"].numpy()[chosen][:, None]
-    gp, gc = g["pids"].numpy()[ranking], g["camids"].numpy()[ranking]
-    keep = ~((gp == qp) & (gc == qc))
-    order = np.argsort(~keep, axis=1, kind="stable")[:, : args.topk]  # kept items first, rank order kept
-    ranked = np.take_along_axis(ranking, order, 1)
-    matches = np.take_along_axis(gp, order, 1) == qp
+    ranked, matches = top_matches(ranking, q["pids"].numpy()[chosen], q["camids"].numpy()[chosen],
+                                  g["pids"].numpy(), g["camids"].numpy(), args.topk)
     short = {"holistic": "hol"}
     labels = [f"{query[i].pid} {short.get(groups[i], groups[i] or '')}".strip() for i in chosen]
     sections = []

@@ -66,54 +66,35 @@ def draw_demo_ranklists(trainer, out_png: Path, per_type: int = 3, topk: int = 8
     """Top-k gallery images for a few NPO and NTP queries (same-id same-camera items removed,
     as in the evaluation protocol)."""
     from .engine.build import build_test_loader
-    from .evaluation import compute_distance
-    from .evaluation.extract import extract_features
-    from .viz.ranklist import draw_ranked_lists
+    from .evaluation.extract import extract_features, query_gallery_distance
+    from .viz.ranklist import draw_ranked_lists, pick_queries, top_matches
 
     query, gallery = trainer.query, trainer.gallery
-    rng = np.random.default_rng(0)
-    chosen: List[int] = []
-    for kind in ("npo", "ntp", None):
-        idx = [i for i, r in enumerate(query) if getattr(r, "occlusion", None) == kind]
-        if kind is None and chosen:
-            break
-        if idx:
-            chosen += list(rng.choice(idx, size=min(per_type, len(idx)), replace=False))
-    chosen = chosen or list(range(min(6, len(query))))
+    chosen = pick_queries(query, per_type, 2 * per_type, kinds=("npo", "ntp"))
     cfg = trainer.cfg
     model = trainer.unwrapped
     recs = [query[i] for i in chosen] + list(gallery)
     feats = extract_features(model, build_test_loader(cfg, recs, shard=False), trainer.device, trainer.amp,
                              use_cameras=bool(cfg["model"]["sie_camera"]))
     n = len(chosen)
-    qf, gf = feats["feat"][:n], feats["feat"][n:]
     q = {k: v[:n] for k, v in feats.items()}
     g = {k: v[n:] for k, v in feats.items()}
-    custom = getattr(model, "retrieval_distance", None)
-    if custom is not None:
-        d = custom(q, g)
-        d = d(0, n) if callable(d) else d
-    else:
-        qf = torch.nn.functional.normalize(qf, dim=1)
-        gf = torch.nn.functional.normalize(gf, dim=1)
-        d = compute_distance(qf, gf)
-    d = torch.as_tensor(d).float().numpy()
-    gp = np.array([r.pid for r in gallery])
-    gc = np.array([r.camid for r in gallery])
-    ranked, matches, labels = [], [], []
-    for row, qi in enumerate(chosen):
-        qr = query[qi]
-        keep = ~((gp == qr.pid) & (gc == qr.camid))
-        order = np.argsort(d[row], kind="stable")
-        order = order[keep[order]][:topk]
-        ranked.append(order)
-        matches.append(gp[order] == qr.pid)
-        labels.append(f"{getattr(qr, 'occlusion', None) or ''} id{qr.pid}")
+    d = query_gallery_distance(q, g, model=model, metric=cfg["test"]["metric"])
+    d = torch.as_tensor(d(0, n) if callable(d) else d).float().numpy()
+    ranked, matches = top_matches(
+        np.argsort(d, axis=1, kind="stable"),
+        np.array([query[i].pid for i in chosen]),
+        np.array([query[i].camid for i in chosen]),
+        np.array([r.pid for r in gallery]),
+        np.array([r.camid for r in gallery]),
+        topk,
+    )
+    labels = [f"{getattr(query[i], 'occlusion', None) or ''} id{query[i].pid}" for i in chosen]
     return draw_ranked_lists(
         [query[i].path for i in chosen],
         [r.path for r in gallery],
-        np.stack(ranked),
-        np.stack(matches),
+        ranked,
+        matches,
         out_png,
         query_labels=labels,
         thumb_size=tuple(cfg["data"]["size_test"]),

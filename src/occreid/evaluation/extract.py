@@ -74,6 +74,33 @@ def _split(feats: Dict[str, torch.Tensor], n_query: int):
     return q, g
 
 
+def query_gallery_distance(
+    query: Dict[str, torch.Tensor],
+    gallery: Dict[str, torch.Tensor],
+    *,
+    model: Optional[nn.Module] = None,
+    feat_norm: bool = True,
+    metric: str = "euclidean",
+    re_ranking: bool = False,
+    rerank_params: Sequence[float] = (20, 6, 0.3),
+):
+    """The model's own distance (``retrieval_distance``: a matrix or a block callable) when it
+    defines one, else ``metric`` on (L2-normalised) features, optionally k-reciprocal re-ranked."""
+    from . import compute_distance, re_ranking as rerank_fn
+
+    custom = getattr(model, "retrieval_distance", None) if model is not None else None
+    if custom is not None:
+        return custom(query, gallery)
+    qf, gf = query["feat"], gallery["feat"]
+    if feat_norm:
+        qf = torch.nn.functional.normalize(qf, dim=1)
+        gf = torch.nn.functional.normalize(gf, dim=1)
+    if re_ranking:
+        k1, k2, lam = rerank_params
+        return rerank_fn(qf, gf, k1=int(k1), k2=int(k2), lambda_value=float(lam))
+    return compute_distance(qf, gf, metric=metric)
+
+
 def evaluate_features(
     query: Dict[str, torch.Tensor],
     gallery: Dict[str, torch.Tensor],
@@ -87,21 +114,12 @@ def evaluate_features(
     query_groups: Optional[Sequence[Optional[str]]] = None,
 ) -> Dict[str, Any]:
     """Distances and ranking metrics, overall and per query group (occlusion type)."""
-    from . import compute_distance, evaluate_rank, re_ranking as rerank_fn
+    from . import evaluate_rank
 
-    qf, gf = query["feat"], gallery["feat"]
-    custom = getattr(model, "retrieval_distance", None) if model is not None else None
-    if custom is not None:
-        dist = custom(query, gallery)
-    else:
-        if feat_norm:
-            qf = torch.nn.functional.normalize(qf, dim=1)
-            gf = torch.nn.functional.normalize(gf, dim=1)
-        if re_ranking:
-            k1, k2, lam = rerank_params
-            dist = rerank_fn(qf, gf, k1=int(k1), k2=int(k2), lambda_value=float(lam))
-        else:
-            dist = compute_distance(qf, gf, metric=metric)
+    dist = query_gallery_distance(
+        query, gallery, model=model, feat_norm=feat_norm, metric=metric,
+        re_ranking=re_ranking, rerank_params=rerank_params,
+    )
     q_pids, g_pids = query["pids"].numpy(), gallery["pids"].numpy()
     q_cams, g_cams = query["camids"].numpy(), gallery["camids"].numpy()
     res = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank, return_per_query=True)
@@ -115,32 +133,20 @@ def evaluate_features(
         ap_all[valid] = np.asarray(res["ap"])
         inp_all[valid] = np.asarray(res["inp"])
         fmr_all[valid] = np.asarray(res["first_match_rank"])
-        per = {}
-        names = [g for g in OCCLUSION_GROUPS if g in set(groups)]
-        names += sorted(set(groups) - set(OCCLUSION_GROUPS))
-        for name in names:
-            sel = (groups == name) & valid
-            n = int(sel.sum())
-            if n == 0:
-                continue
-            per[name] = {
-                "num_queries": n,
+        def subset(sel: np.ndarray) -> Dict[str, Any]:
+            return {
+                "num_queries": int(sel.sum()),
                 "mAP": float(ap_all[sel].mean()),
                 "mINP": float(inp_all[sel].mean()),
                 "rank1": float((fmr_all[sel] <= 1).mean()),
                 "rank5": float((fmr_all[sel] <= 5).mean()),
                 "rank10": float((fmr_all[sel] <= 10).mean()),
             }
-        occ = (np.isin(groups, ("npo", "ntp"))) & valid
-        if occ.any():
-            per["occluded"] = {
-                "num_queries": int(occ.sum()),
-                "mAP": float(ap_all[occ].mean()),
-                "mINP": float(inp_all[occ].mean()),
-                "rank1": float((fmr_all[occ] <= 1).mean()),
-                "rank5": float((fmr_all[occ] <= 5).mean()),
-                "rank10": float((fmr_all[occ] <= 10).mean()),
-            }
+
+        masks = {g: groups == g for g in OCCLUSION_GROUPS if g in set(groups)}
+        masks.update({g: groups == g for g in sorted(set(groups) - set(OCCLUSION_GROUPS))})
+        masks["occluded"] = np.isin(groups, ("npo", "ntp"))
+        per = {name: subset(m & valid) for name, m in masks.items() if (m & valid).any()}
         metrics["by_occlusion"] = per
     return metrics
 

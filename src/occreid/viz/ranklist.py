@@ -4,7 +4,7 @@ true matches framed green, wrong ones red."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -16,6 +16,41 @@ def _thumb(path: str, size) -> Image.Image:
     from ..utils.io import read_image
 
     return read_image(path).resize((size[1], size[0]), Image.BILINEAR)
+
+
+def pick_queries(
+    query: Sequence, per_type: int, limit: int, kinds: Sequence[str] = ("holistic", "npo", "ntp")
+) -> List[int]:
+    """Indices of up to ``per_type`` queries of each occlusion kind (seeded, deterministic);
+    random queries when the dataset has no occlusion metadata."""
+    rng = np.random.default_rng(0)
+    occ = [getattr(r, "occlusion", None) for r in query]
+    chosen: List[int] = []
+    for kind in kinds:
+        idx = [i for i, k in enumerate(occ) if k == kind]
+        if idx:
+            chosen += sorted(rng.choice(idx, size=min(per_type, len(idx)), replace=False).tolist())
+    if not chosen:
+        chosen = sorted(rng.choice(len(query), size=min(limit, len(query)), replace=False).tolist())
+    return chosen[:limit]
+
+
+def top_matches(
+    ranking: np.ndarray,
+    q_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_pids: np.ndarray,
+    g_camids: np.ndarray,
+    topk: int,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """From full rankings ``[n, G]`` (gallery indices, best first) keep the top-k after removing
+    the query's own id seen by its own camera (as the evaluation protocol does); returns the
+    kept gallery indices ``[n, k]`` and whether each is a true match."""
+    qp, qc = np.asarray(q_pids)[:, None], np.asarray(q_camids)[:, None]
+    gp, gc = np.asarray(g_pids)[ranking], np.asarray(g_camids)[ranking]
+    keep = ~((gp == qp) & (gc == qc))
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :topk]  # kept items first, rank order kept
+    return np.take_along_axis(ranking, order, 1), np.take_along_axis(gp, order, 1) == qp
 
 
 def draw_ranked_lists(
