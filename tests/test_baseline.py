@@ -205,3 +205,40 @@ def test_backbone_pretrained_is_passed_through(tmp_path):
     torch.testing.assert_close(m.base.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
     assert m.base.pos_embed.shape == (1, 1 + 8, 32)
     assert math.isfinite(m.base.pos_embed.sum().item())
+
+
+def test_npo_two_view_batch_trains_both_views():
+    m = nano_baseline(num_classes=4)
+    torch.manual_seed(3)
+    clean, occ = torch.randn(4, 3, 32, 16), torch.randn(4, 3, 32, 16)
+    x7 = torch.cat([clean, occ, (clean - occ).abs().mean(1, keepdim=True)], dim=1)
+    pids = torch.tensor([0, 0, 1, 1])
+    m.train()
+    out = m(x7)
+    torch.manual_seed(3)
+    ref = m(torch.cat([clean, occ]))
+    assert out["logits"].shape == (8, 4)
+    torch.testing.assert_close(out["global_feat"], ref["global_feat"])
+    got = m.loss(out, pids)
+    want = m.loss(ref, torch.cat([pids, pids]))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    with pytest.raises(ValueError, match="identity labels"):
+        m.loss(out, torch.tensor([0, 1, 2]))
+
+
+def test_data_npo_switch():
+    from occreid.config import load_config
+    from occreid.engine.build import use_npo
+
+    def cfg(name, npo):
+        return load_config(None, [f"model.name={name}", f"data.npo={npo}"])
+
+    assert use_npo(cfg("fed", "auto")) and not use_npo(cfg("baseline", "auto"))
+    assert use_npo(cfg("baseline", "true")) and not use_npo(cfg("dpm", "false"))
+    with pytest.raises(OccReIDError, match="not possible"):
+        use_npo(cfg("fed", "false"))
+    with pytest.raises(OccReIDError, match="fed and baseline"):
+        use_npo(cfg("dpm", "true"))
+    with pytest.raises(OccReIDError, match="auto, true or false"):
+        use_npo(cfg("baseline", "maybe"))

@@ -23,7 +23,7 @@ def _model(backbone="vit_nano", img=(32, 16), stride=8, cams=3, num_classes=4, s
     torch.manual_seed(seed)
     bb = build_backbone(backbone, img_size=img, stride=stride, num_cameras=cams, drop_path=0.0)
     m = DPM(bb, num_classes, **kw)
-    if m.hmg.fc is not None:
+    if m.hmg is not None and m.hmg.fc is not None:
         with torch.no_grad():  # a non-zero mask FC, so the HMG convs get gradients too
             m.hmg.fc.weight.normal_(0, 0.2)
     return m
@@ -411,3 +411,53 @@ def test_fp16_grad_scaler_and_clipping_keep_parameters_finite(mode):
         bad = [n for n, t in m.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
         assert not bad
     assert scaler.get_scale() < 2.0**24  # overflowing steps were detected and skipped
+
+
+# ----------------------------------------------------------------------------- ablation switches
+_SOLVER = dict(base_lr=1e-3, bias_lr_factor=1.0, momentum=0.9, optimizer="AdamW", weight_decay=0.05,
+               weight_decay_bias=0.05, max_epochs=2, warmup_epochs=1, warmup_lr_factor=0.1, min_lr_factor=0.01)
+
+
+def test_without_masked_branch_is_the_baseline_loss_and_plain_retrieval():
+    from occreid.evaluation.extract import query_gallery_distance
+
+    m = _model(masked_branch=False, beta=0.0)
+    assert m.hmg is None and m.hmg_parameters() == []
+    assert not any(k.startswith("hmg.") for k in m.state_dict())
+    x, y, c = _batch()
+    m.train()
+    out = m(x, c)
+    assert out["mask"] is None and out["cos"] is None
+    losses = m.loss(out, y)
+    assert set(losses) == {"id", "triplet"}
+    torch.testing.assert_close(losses["id"], F.cross_entropy(out["logits"], y))  # full weight, not alpha
+    torch.testing.assert_close(losses["triplet"], TripletLoss(None)(out["global_feat"], y))
+    opts, scheds = m.configure_optimizers(_SOLVER, list(m.named_parameters()))
+    assert len(opts) == 1 and len(scheds) == 1
+    before = copy.deepcopy(m.state_dict())
+    stats = dpm_train_step(m, x, y, c, optimizer=opts[0], hmg_optimizer=None, mode="single_pass")
+    assert set(stats) >= {"id", "triplet", "loss", "acc"}
+    assert not torch.equal(before["classifier.weight"], m.state_dict()["classifier.weight"])
+    with pytest.raises(ValueError, match="single_pass"):
+        dpm_train_step(m, x, y, c, optimizer=opts[0], hmg_optimizer=None, mode="two_pass")
+    m.eval()
+    q = m(x, c)
+    assert set(q) == {"feat"} and m.retrieval_distance(q, q) is None
+    qn = F.normalize(q["feat"], dim=1)
+    d = query_gallery_distance(q, q, model=m, metric="cosine")
+    torch.testing.assert_close(torch.as_tensor(d), 1 - qn @ qn.t(), atol=1e-5, rtol=0)
+
+
+def test_angular_margin_on_the_plain_branch_and_softmax_masked_branch():
+    x, y, c = _batch()
+    m = _model(cls_margin=0.5, arc_margin=0.0)
+    m.train()
+    out = m(x, c)
+    feat_bn = m.bottleneck(out["global_feat"])
+    cos = F.normalize(feat_bn, dim=1) @ F.normalize(m.classifier.weight, dim=1).t()
+    torch.testing.assert_close(out["cos_cls"], cos, atol=1e-6, rtol=0)
+    losses = m.loss(out, y)
+    want_id = 0.5 * F.cross_entropy(arcface_logits(cos, y, scale=30.0, margin=0.5), y)
+    torch.testing.assert_close(losses["id"], want_id, atol=1e-5, rtol=1e-5)
+    # Mask-Cls "S": margin 0 is the softmax over 30 * masked cosine.
+    torch.testing.assert_close(losses["arc"], 0.5 * F.cross_entropy(30.0 * out["cos"], y), atol=1e-5, rtol=1e-5)

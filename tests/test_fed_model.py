@@ -226,3 +226,49 @@ def test_trainer_hooks_with_a_stub_trainer():
     assert not torch.equal(model.memory.features[:2], before[:2])  # memory updated
     assert torch.equal(model.memory.features[2:], before[2:])
     model.on_train_start(trainer)  # already initialised: no pass, nothing to build
+
+
+# ----------------------------------------------------------------------------- ablation switches
+def test_ablation_without_fdm_has_no_fdm_and_keeps_memory_loss():
+    m = initialised(tiny(fdm=False))
+    assert m.fdm is None and m.classifier_fdm is None
+    assert not any(k.startswith(("fdm.", "classifier_fdm.")) for k in m.state_dict())
+    pids = torch.tensor([0, 1, 2, 3])
+    out = m(batch7(), pids=pids)
+    assert not any("fdm" in k for k in out)
+    losses = m.loss(out, pids)
+    assert set(losses) == {"mse_clean", "mse_occ", "id_oem_clean", "id_oem_occ", "id_global_clean",
+                           "id_global_occ", "mc_oem_clean", "mc_oem_occ"}
+    before = m.memory.features.clone()
+    sum(losses.values()).backward()
+    m.update_memory(out, pids)  # written by the OEM features only
+    ref = sequential_momentum_update(before, out["feat_oem_clean"].detach(), pids, 0.2)
+    torch.testing.assert_close(m.memory.features, ref)
+    with pytest.raises(OccReIDError, match="fdm=False"):
+        m.eval().forward_features(torch.randn(2, 3, H, W), with_fdm=True)
+
+
+def test_ablation_without_oem_uses_unit_scores_and_no_mse():
+    m = initialised(tiny(oem=False))
+    assert m.oem is None
+    pids = torch.tensor([0, 1, 2, 3])
+    out = m(batch7(), pids=pids)
+    assert "scores_clean" not in out and "mse_clean" not in m.loss(out, pids)
+    m.eval()
+    x = torch.randn(3, 3, H, W)
+    res = m.forward_features(x)
+    torch.testing.assert_close(res["part_scores"], torch.ones(3, m.num_parts))
+    _, parts = m._parts(x, None)
+    torch.testing.assert_close(res["feat"], m.part_bn(parts.flatten(1)))  # BNNeck'd parts, unweighted
+
+
+def test_no_mse_weights_are_official_without_mse():
+    m = initialised(tiny())
+    pids = torch.tensor([0, 1, 2, 3])
+    out = m(batch7(), pids=pids)
+    official = m.loss(out, pids)
+    m.loss_weights = "no_mse"
+    no_mse = m.loss(out, pids)
+    assert set(official) - set(no_mse) == {"mse_clean", "mse_occ"}
+    for k, v in no_mse.items():
+        torch.testing.assert_close(v, official[k])

@@ -147,3 +147,25 @@ def test_npo_batch_gives_expected_labels(bank_dir):
     # an occluded stripe is always at the top or the bottom (corner pasting)
     rows = mask[~full_height]
     assert ((rows[:, 0] == 0) | (rows[:, 3] == 0)).all()
+
+
+def test_bank_pools_several_folders_for_fed_star(bank_dir, tmp_path):
+    os2 = tmp_path / "os2"
+    os2.mkdir()
+    _patch(30, 30, 2).save(os2 / "c.jpg")
+    bank = OccluderBank([bank_dir, os2])
+    assert [p.name for p in bank.files] == ["a_tall.png", "b_wide.jpg", "c.jpg"]  # folder by folder
+    assert bank.folders == [bank_dir, os2] and "patches=3" in repr(bank)
+    with pytest.raises(OccReIDError, match="not found"):
+        OccluderBank([bank_dir, tmp_path / "missing_os2"])
+    with pytest.raises(OccReIDError, match="empty"):
+        OccluderBank([])
+
+
+def test_config_occluder_list_resolves_against_data_root(bank_dir, tmp_path, monkeypatch):
+    from occreid.engine.build import _occluder_folders
+
+    monkeypatch.chdir(tmp_path / "occluders")  # 'occluders' does not exist from here
+    assert _occluder_folders(None, str(tmp_path)) is None
+    assert _occluder_folders("occluders", str(tmp_path)) == tmp_path / "occluders"
+    assert _occluder_folders(["occluders", str(bank_dir)], str(tmp_path)) == [tmp_path / "occluders", bank_dir]

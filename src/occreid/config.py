@@ -56,7 +56,8 @@ DEFAULTS: Dict[str, Any] = {
         "pixel_std": [0.5, 0.5, 0.5],
         "color_jitter": None,  # e.g. [0.1, 0.1, 0.1, 0.0] (FED)
         "color_jitter_position": "before_resize",  # FED: before_resize; DPM (Occluded-REID): after_resize
-        "occluders": None,  # FED's NPO patch folder (default: <dataset>/occluders or crop_backgrounds)
+        "occluders": None,  # FED's NPO patch folder(s) (default: <dataset>/occluders or crop_backgrounds); a list = FED*
+        "npo": "auto",  # NPO two-view training samples: auto (= FED only) | true (baseline + NPO aug) | false
         "npo_vertical_ratio": 2.0,  # FED: patch h/w above this is a vertical occluder (paper: 3.0)
         "npo_patch_aug": "official",  # FED: official (no crop) | paper (random crop of the patch)
         "num_instances": 4,

@@ -39,7 +39,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,28 +89,37 @@ class OccluderBank:
     the official ``Occluded_Duke/crop_backgrounds/*.jpg`` bank and of SynthOcc's
     ``occluders/`` folder.
 
+    ``folder`` may also be a list of folders (FED*: the official OS1 + OS2 banks): their
+    files are pooled, folder by folder in the given order, and drawn uniformly from the pool.
+
     Files are listed once, sorted by name (deterministic). Decoded patches are kept in
     memory after first use when ``cache`` is true (the official code re-opens the file on
     every sample; the result is the same).
     """
 
-    def __init__(self, folder: PathLike, *, cache: bool = True) -> None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise OccReIDError(
-                f"occluder patch folder not found: {folder}. Expected a folder of image crops "
-                f"({', '.join(OCCLUDER_EXTENSIONS)}) such as <dataset>/occluders (SynthOcc) or "
-                "Occluded_Duke/crop_backgrounds (the official FED patch bank); pass its path."
+    def __init__(self, folder: Union[PathLike, Sequence[PathLike]], *, cache: bool = True) -> None:
+        folders = [Path(f) for f in folder] if isinstance(folder, (list, tuple)) else [Path(folder)]
+        if not folders:
+            raise OccReIDError("the occluder patch folder list is empty; give at least one folder")
+        files: List[Path] = []
+        for one in folders:
+            if not one.is_dir():
+                raise OccReIDError(
+                    f"occluder patch folder not found: {one}. Expected a folder of image crops "
+                    f"({', '.join(OCCLUDER_EXTENSIONS)}) such as <dataset>/occluders (SynthOcc) or "
+                    "Occluded_Duke/crop_backgrounds (the official FED patch bank); pass its path."
+                )
+            found = sorted(
+                p for p in one.iterdir() if p.is_file() and p.suffix.lower() in OCCLUDER_EXTENSIONS
             )
-        files = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in OCCLUDER_EXTENSIONS
-        )
-        if not files:
-            raise OccReIDError(
-                f"occluder patch folder {folder} holds no image files "
-                f"({', '.join(OCCLUDER_EXTENSIONS)}); add occluder crops or pick another folder."
-            )
-        self.folder = folder
+            if not found:
+                raise OccReIDError(
+                    f"occluder patch folder {one} holds no image files "
+                    f"({', '.join(OCCLUDER_EXTENSIONS)}); add occluder crops or pick another folder."
+                )
+            files.extend(found)
+        self.folders = folders
+        self.folder = folders[0] if len(folders) == 1 else folders
         self.files = files
         self.cache = cache
         self._images: dict = {}
@@ -128,7 +137,8 @@ class OccluderBank:
         return image
 
     def __repr__(self) -> str:
-        return f"OccluderBank(folder={str(self.folder)!r}, patches={len(self)})"
+        names = [str(f) for f in self.folders]
+        return f"OccluderBank(folder={names[0] if len(names) == 1 else names!r}, patches={len(self)})"
 
 
 def find_occluder_folder(dataset_root: PathLike) -> Path:

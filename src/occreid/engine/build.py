@@ -76,6 +76,37 @@ def build_datasets(cfg: Dict[str, Any]):
     return train_ds, test_ds
 
 
+def _occluder_folders(value: Any, data_root: str):
+    """``data.occluders`` (a folder or a list = FED*) with relative paths that do not exist
+    from the working folder taken relative to ``data.root``."""
+    if not value:
+        return None
+
+    def one(p: Any) -> Path:
+        path = Path(str(p)).expanduser()
+        if not path.is_absolute() and not path.exists() and (Path(data_root) / path).exists():
+            return Path(data_root) / path
+        return path
+
+    if isinstance(value, (list, tuple)):
+        return [one(p) for p in value]
+    return one(value)
+
+
+def use_npo(cfg: Dict[str, Any]) -> bool:
+    """Whether training batches are FED's 7-channel NPO samples (``data.npo``: ``auto`` = FED)."""
+    npo = cfg["data"].get("npo", "auto")
+    if npo == "auto":
+        return cfg["model"]["name"] == "fed"
+    if not isinstance(npo, bool):
+        raise OccReIDError(f"data.npo must be auto, true or false, got {npo!r}")
+    if not npo and cfg["model"]["name"] == "fed":
+        raise OccReIDError("FED trains on NPO samples: data.npo=false is not possible with model.name=fed")
+    if npo and cfg["model"]["name"] not in ("fed", "baseline"):
+        raise OccReIDError(f"data.npo=true works with the fed and baseline models, not {cfg['model']['name']!r}")
+    return npo
+
+
 def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
     from ..data import ImageDataset, RandomIdentitySampler, build_train_transform
 
@@ -87,11 +118,11 @@ def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
         )
     size = tuple(d["size_train"])
     jitter = tuple(d["color_jitter"]) if d.get("color_jitter") else None
-    if cfg["model"]["name"] == "fed":
+    if use_npo(cfg):
         # FED trains on 7-channel samples: clean view, NPO-occluded view, |difference|.
         from ..data.npo import NPOTransform, build_npo_common_transform, find_occluder_folder
 
-        folder = d.get("occluders") or find_occluder_folder(dataset.root)
+        folder = _occluder_folders(d.get("occluders"), d["root"]) or find_occluder_folder(dataset.root)
         transform = NPOTransform(
             folder,
             size,

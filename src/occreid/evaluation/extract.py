@@ -90,7 +90,9 @@ def query_gallery_distance(
 
     custom = getattr(model, "retrieval_distance", None) if model is not None else None
     if custom is not None:
-        return custom(query, gallery)
+        dist = custom(query, gallery)  # None: the model has no distance of its own here
+        if dist is not None:
+            return dist
     qf, gf = query["feat"], gallery["feat"]
     if feat_norm:
         qf = torch.nn.functional.normalize(qf, dim=1)

@@ -8,8 +8,9 @@ Official assembly (fed-official.md §4.2), the default ``weights="official"``::
           + 1/2 [CE(global_clean) + CE(global_occ)]                     # 1/2 per logit
           + 1.0 C(oem_clean) + 0.3 C(oem_occ) + 0.5 C(fdm_clean) + 0.5 C(fdm_occ)
 
-The paper's Eq. 10 (``weights="paper"``) puts 1/2 on every term. There is no triplet loss
-in FED.
+The paper's Eq. 10 (``weights="paper"``) puts 1/2 on every term; ``"no_mse"`` is the
+official set without the two MSE terms (the paper's DukeMTMC-reID recipe, whose training set
+is full of real occlusions). There is no triplet loss in FED.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FED_LOSS_WEIGHTS: Dict[str, Dict[str, float]] = {
         "mc_fdm_clean": 0.5, "mc_fdm_occ": 0.5,
     },
 }
+FED_LOSS_WEIGHTS["no_mse"] = {**FED_LOSS_WEIGHTS["official"], "mse_clean": 0.0, "mse_occ": 0.0}
 
 
 def memory_contrastive_loss(
@@ -104,8 +106,12 @@ def fed_losses(
         centres_oem: memory for the OEM features ``[C, F]`` (the bank before this step's update).
         centres_fdm: memory for the FDM features; ``None`` = the same bank (official: the two
             memory objects share one tensor).
-        weights: ``"official"``, ``"paper"`` or a dict over the keys of
+        weights: ``"official"``, ``"paper"``, ``"no_mse"`` or a dict over the keys of
             :data:`FED_LOSS_WEIGHTS` (missing keys are errors).
+
+    Ablations (:class:`occreid.models.fed.FED` with ``oem=False`` / ``fdm=False``) leave out
+    ``scores_*`` / the ``*_fdm_*`` outputs; their terms are then absent from the result, as
+    are terms of weight 0.
 
     Returns:
         dict with keys ``mse_clean``, ``mse_occ`` (MSE of the scores against ones and
@@ -127,15 +133,17 @@ def fed_losses(
     pids = pids.to(outputs["logits_oem_clean"].device).long()
 
     raw: Dict[str, torch.Tensor] = {}
-    s_clean, s_occ = outputs["scores_clean"].float(), outputs["scores_occ"].float()
-    raw["mse_clean"] = F.mse_loss(s_clean, torch.ones_like(s_clean))
-    raw["mse_occ"] = F.mse_loss(s_occ, outputs["mask"].to(s_occ))
-    for head in ("oem", "fdm", "global"):
+    if "scores_clean" in outputs and (w["mse_clean"] or w["mse_occ"]):
+        s_clean, s_occ = outputs["scores_clean"].float(), outputs["scores_occ"].float()
+        raw["mse_clean"] = F.mse_loss(s_clean, torch.ones_like(s_clean))
+        raw["mse_occ"] = F.mse_loss(s_occ, outputs["mask"].to(s_occ))
+    heads = ("oem", "fdm") if "logits_fdm_clean" in outputs else ("oem",)
+    for head in heads + ("global",):
         for branch in ("clean", "occ"):
             raw[f"id_{head}_{branch}"] = F.cross_entropy(outputs[f"logits_{head}_{branch}"].float(), pids)
-    for head, centres in (("oem", centres_oem), ("fdm", centres_fdm)):
+    for head, centres in (("oem", centres_oem), ("fdm", centres_fdm))[: len(heads)]:
         for branch in ("clean", "occ"):
             raw[f"mc_{head}_{branch}"] = memory_contrastive_loss(
                 outputs[f"feat_{head}_{branch}"], pids, centres, temperature
             )
-    return {k: v * w[k] for k, v in raw.items()}
+    return {k: v * w[k] for k, v in raw.items() if w[k]}

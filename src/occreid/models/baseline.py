@@ -11,6 +11,10 @@ Loss (weights 1:1 in TransReID): ``id_loss_weight * CE(logits, pids)`` (label sm
 optional, off by default) + ``triplet_loss_weight * soft-margin batch-hard triplet`` on the
 raw pre-BN ``global_feat``.
 
+NPO augmentation without FED (FED's Table 3, row 2: ``data.npo=true``): a training batch of
+7-channel NPO samples ``[B, 7, H, W]`` (clean view, occluded view, difference) is trained as
+the ``2B`` images of both views, each view with its sample's identity.
+
 Retrieval feature (eval mode): ``global_feat`` (``neck_feat="before"``, all released
 configs) or ``feat`` (``"after"``).
 """
@@ -79,7 +83,13 @@ class Baseline(nn.Module):
     def forward(
         self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None
     ) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
-        """Train mode: ``{"logits": [B, C], "global_feat": [B, D]}``; eval: ``[B, D]``."""
+        """Train mode: ``{"logits": [B, C], "global_feat": [B, D]}``; eval: ``[B, D]``.
+
+        A 7-channel NPO training batch gives outputs over its ``2B`` views (clean first)."""
+        if self.training and images.dim() == 4 and images.shape[1] == 7:
+            images = torch.cat([images[:, 0:3], images[:, 3:6]])
+            if cam_ids is not None:
+                cam_ids = torch.cat([cam_ids, cam_ids])
         global_feat = self.base(images, cam_ids)[:, 0]  # cls token after the final norm
         if self.training:
             feat = self.bottleneck(global_feat)
@@ -89,7 +99,14 @@ class Baseline(nn.Module):
         return global_feat
 
     def loss(self, outputs: Dict[str, torch.Tensor], pids: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``{"id": w_id * CE, "triplet": w_tri * triplet}``; the trainer sums the values."""
+        """``{"id": w_id * CE, "triplet": w_tri * triplet}``; the trainer sums the values.
+
+        ``pids [B]`` of a two-view NPO batch (outputs over ``2B`` images) are repeated."""
+        n = outputs["logits"].shape[0]
+        if n == 2 * pids.shape[0]:
+            pids = torch.cat([pids, pids])
+        elif n != pids.shape[0]:
+            raise ValueError(f"{n} outputs for {pids.shape[0]} identity labels")
         return {
             "id": self.id_loss_weight * self.id_loss(outputs["logits"], pids),
             "triplet": self.triplet_loss_weight * self.triplet_loss(outputs["global_feat"], pids),

@@ -351,8 +351,10 @@ class MaskedPrototypeClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, in_dim))
         nn.init.xavier_uniform_(self.weight)
 
-    def forward(self, feat: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, feat: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         logits = F.linear(feat, self.weight)  # plain branch  [B, C]
+        if mask is None:  # no masked branch (ablation)
+            return logits, None
         cos = masked_cosine(
             feat, mask, self.weight, mask_feature=self.mask_feature, mask_norm=self.mask_norm
         )
@@ -416,6 +418,13 @@ class DPM(nn.Module):
         hmg_lr_schedule: ``"constant"`` (official: the HMG optimiser has no scheduler) or
             ``"cosine"`` (the paper: same schedule as the rest); read by
             :meth:`configure_optimizers`.
+        masked_branch: ablation switch (Tables 3-4). ``False`` removes the HMG and the masked
+            branch: the loss is ``w·L_cls (+ β·L_hem) + L_tri`` (the plain branch at full weight),
+            training is one pass with one optimiser, retrieval is plain cosine. With β = 0 this
+            is the ViT baseline in DPM's code path.
+        cls_margin: ``None`` (official): the plain branch is the softmax over f·Wᵀ ("S" in
+            Table 4); a number: the plain branch is ArcFace on cos(f, W) with scale
+            ``arc_scale`` and this margin ("A"). Table 4's masked "S" is ``arc_margin=0``.
 
     Train mode ``forward`` returns ``{"logits" [B, C], "cos" [B, C], "global_feat" [B, D],
     "mask" [B, D], "cls_attn" [B, N, P] (None when β = 0)}``; :meth:`loss` turns it into
@@ -448,6 +457,8 @@ class DPM(nn.Module):
         neck_feat: str = "before",
         update_mode: str = "two_pass",
         hmg_lr_schedule: str = "constant",
+        masked_branch: bool = True,
+        cls_margin: Optional[float] = None,
     ) -> None:
         super().__init__()
         from ..losses.triplet import TripletLoss  # local: keeps the component imports light
@@ -471,8 +482,14 @@ class DPM(nn.Module):
                 "DPM: HMG blocks %s of a %d-block model -> %s for this %d-block backbone",
                 tuple(hmg_blocks), hmg_reference_depth, self.hmg_blocks, backbone.depth,
             )
-        self.hmg = HierarchicalMaskGenerator(
-            dim, len(self.hmg_blocks), hmg_hidden_channels, pooling=hmg_pooling, mask_fc=hmg_fc
+        self.masked_branch = bool(masked_branch)
+        self.cls_margin = None if cls_margin is None else float(cls_margin)
+        self.hmg = (
+            HierarchicalMaskGenerator(
+                dim, len(self.hmg_blocks), hmg_hidden_channels, pooling=hmg_pooling, mask_fc=hmg_fc
+            )
+            if self.masked_branch
+            else None
         )
         self.bottleneck = BNNeck(dim)
         self.classifier = MaskedPrototypeClassifier(
@@ -496,16 +513,17 @@ class DPM(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def _features(self, images: Tensor, cam_ids: Optional[Tensor], with_attn: bool):
-        out = self.backbone.forward_intermediates(
-            images, cam_ids, indices=self.hmg_blocks, return_cls_attn=with_attn
-        )
+        indices = self.hmg_blocks if self.hmg is not None else ()
+        out = self.backbone.forward_intermediates(images, cam_ids, indices=indices, return_cls_attn=with_attn)
         tokens, blocks = out[0], out[1]
         cls_attn = out[2] if with_attn else None
-        grid = self.backbone.grid_size
-        prefix = tokens.shape[1] - grid[0] * grid[1]
-        # f_l: patch tokens of block l (pre final-LayerNorm) as [B, D, gy, gx] maps
-        maps = [tokens_to_maps(t, grid, prefix) for t in blocks]
-        mask = self.hmg(maps)  # M [B, D]
+        mask = None
+        if self.hmg is not None:
+            grid = self.backbone.grid_size
+            prefix = tokens.shape[1] - grid[0] * grid[1]
+            # f_l: patch tokens of block l (pre final-LayerNorm) as [B, D, gy, gx] maps
+            maps = [tokens_to_maps(t, grid, prefix) for t in blocks]
+            mask = self.hmg(maps)  # M [B, D]
         global_feat = tokens[:, 0]  # LayerNorm(z_L)[:, 0], the cls token  [B, D]
         return global_feat, mask, cls_attn
 
@@ -513,11 +531,14 @@ class DPM(nn.Module):
         if not self.training:
             global_feat, mask, _ = self._features(images, cam_ids, with_attn=False)
             feat = global_feat if self.neck_feat == "before" else self.bottleneck(global_feat)
-            return {"feat": feat, "mask": mask}
+            return {"feat": feat} if mask is None else {"feat": feat, "mask": mask}
         global_feat, mask, cls_attn = self._features(images, cam_ids, with_attn=self.beta > 0)
         feat_bn = self.bottleneck(global_feat)
         logits, cos = self.classifier(feat_bn, mask)
-        return {"logits": logits, "cos": cos, "global_feat": global_feat, "mask": mask, "cls_attn": cls_attn}
+        out = {"logits": logits, "cos": cos, "global_feat": global_feat, "mask": mask, "cls_attn": cls_attn}
+        if self.cls_margin is not None:  # plain branch with an angular margin (Table 4 "A")
+            out["cos_cls"] = F.linear(F.normalize(feat_bn.float(), dim=1), F.normalize(self.classifier.weight.float(), dim=1))
+        return out
 
     def loss(self, outputs: Mapping[str, Any], pids: Tensor) -> Dict[str, Tensor]:
         """Eq. 8, weighted: ``id`` = w·α·CE(f Wᵀ), ``arc`` = w·(1 − α)·CE(ArcFace(masked cos)),
@@ -525,12 +546,19 @@ class DPM(nn.Module):
         feature). w = ``id_loss_weight``. ``hem`` is absent when β = 0."""
         pids = pids.long()
         w = self.id_loss_weight
-        losses: Dict[str, Tensor] = {
-            "id": w * self.alpha * F.cross_entropy(outputs["logits"].float(), pids),
-            "arc": w * (1.0 - self.alpha) * F.cross_entropy(
-                arcface_logits(outputs["cos"], pids, scale=self.arc_scale, margin=self.arc_margin), pids
-            ),
-        }
+        if self.cls_margin is None:
+            cls_logits = outputs["logits"].float()
+        else:
+            cls_logits = arcface_logits(outputs["cos_cls"], pids, scale=self.arc_scale, margin=self.cls_margin)
+        if self.hmg is None:  # no masked branch: the plain branch at full weight
+            losses: Dict[str, Tensor] = {"id": w * F.cross_entropy(cls_logits, pids)}
+        else:
+            losses = {
+                "id": w * self.alpha * F.cross_entropy(cls_logits, pids),
+                "arc": w * (1.0 - self.alpha) * F.cross_entropy(
+                    arcface_logits(outputs["cos"], pids, scale=self.arc_scale, margin=self.arc_margin), pids
+                ),
+            }
         if self.beta > 0:
             if outputs.get("cls_attn") is None:
                 raise ValueError("HEM needs outputs['cls_attn'] (the model was run with beta = 0?)")
@@ -541,9 +569,12 @@ class DPM(nn.Module):
     # --------------------------------------------------------------------------- retrieval
     def retrieval_distance(self, query: Mapping[str, Tensor], gallery: Mapping[str, Tensor]):
         """DPM's query-mask distance (dpm-official.md §7) as an evaluator block callable:
-        each query's mask applied to every gallery feature; gallery masks unused."""
+        each query's mask applied to every gallery feature; gallery masks unused. ``None``
+        (the evaluator's plain distance) for a model without the masked branch."""
         from ..evaluation.masked_distance import MaskedCosineDistance
 
+        if "mask" not in query:
+            return None
         return MaskedCosineDistance(
             query["feat"],
             query["mask"],
@@ -555,11 +586,11 @@ class DPM(nn.Module):
     # ------------------------------------------------------------------ two-step training
     def hmg_parameters(self) -> List[nn.Parameter]:
         """Parameters of the HMG (official ``Moptimizer``: names with ConvLayer/attfc)."""
-        return [p for p in self.hmg.parameters() if p.requires_grad]
+        return [] if self.hmg is None else [p for p in self.hmg.parameters() if p.requires_grad]
 
     def main_parameters(self) -> List[nn.Parameter]:
         """Every other trainable parameter: backbone, BNNeck weight, prototypes W."""
-        hmg_ids = {id(p) for p in self.hmg.parameters()}
+        hmg_ids = {id(p) for p in self.hmg_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in hmg_ids]
 
     def configure_optimizers(
@@ -575,7 +606,7 @@ class DPM(nn.Module):
         from ..engine.solver import WarmupCosineLR, build_optimizer
 
         s = solver_cfg
-        hmg_ids = {id(p) for p in self.hmg.parameters()}
+        hmg_ids = {id(p) for p in self.hmg_parameters()}
         main = [(n, p) for n, p in named_parameters if id(p) not in hmg_ids]
         hmg = [(n, p) for n, p in named_parameters if id(p) in hmg_ids]
         common = dict(
@@ -585,9 +616,13 @@ class DPM(nn.Module):
             main, s["optimizer"], weight_decay=s["weight_decay"],
             weight_decay_bias=s["weight_decay_bias"], **common,
         )
-        hmg_opt = build_optimizer(
-            hmg, s["optimizer"], weight_decay=s["weight_decay_bias"],
-            weight_decay_bias=s["weight_decay_bias"], **common,
+        hmg_opt = (
+            build_optimizer(
+                hmg, s["optimizer"], weight_decay=s["weight_decay_bias"],
+                weight_decay_bias=s["weight_decay_bias"], **common,
+            )
+            if hmg
+            else None
         )
 
         def sched(o):
@@ -600,6 +635,8 @@ class DPM(nn.Module):
             )
 
         schedulers = [sched(opt)]
+        if hmg_opt is None:  # masked_branch=False: one optimiser
+            return [opt], schedulers
         if self.hmg_lr_schedule == "cosine":
             schedulers.append(sched(hmg_opt))
         return [opt, hmg_opt], schedulers
@@ -607,7 +644,8 @@ class DPM(nn.Module):
     def training_step(self, trainer: Any, batch: Mapping[str, Any]) -> Dict[str, float]:
         """Trainer hook: one DPM iteration (:func:`dpm_train_step`) with the trainer's
         optimisers, autocast, GradScaler and gradient clipping."""
-        opt, hmg_opt = trainer.optimizers[0], trainer.optimizers[1]
+        opt = trainer.optimizers[0]
+        hmg_opt = trainer.optimizers[1] if len(trainer.optimizers) > 1 else None
         return dpm_train_step(
             self,
             batch["images"],
@@ -615,7 +653,7 @@ class DPM(nn.Module):
             batch.get("camids"),
             optimizer=opt,
             hmg_optimizer=hmg_opt,
-            mode=self.update_mode,
+            mode=self.update_mode if hmg_opt is not None else "single_pass",
             forward=trainer.model,
             autocast=trainer.autocast,
             scaler=trainer.scaler,
@@ -655,7 +693,7 @@ def dpm_train_step(
     cam_ids: Optional[Tensor] = None,
     *,
     optimizer: torch.optim.Optimizer,
-    hmg_optimizer: torch.optim.Optimizer,
+    hmg_optimizer: Optional[torch.optim.Optimizer],
     mode: str = "two_pass",
     forward: Optional[Callable[..., Any]] = None,
     autocast: Optional[Callable[[], Any]] = None,
@@ -674,6 +712,7 @@ def dpm_train_step(
 
     With a GradScaler each step is followed by ``scaler.update()`` (twice per iteration, as
     the official code). ``mode="single_pass"``: one forward/backward, both optimisers step.
+    ``hmg_optimizer=None`` (a model without the masked branch) needs ``"single_pass"``.
 
     Args:
         model: the (unwrapped) :class:`DPM`, used for :meth:`DPM.loss`.
@@ -688,6 +727,8 @@ def dpm_train_step(
         branch accuracy), like the official log.
     """
     _check_choice("mode", mode, UPDATE_MODES)
+    if hmg_optimizer is None and mode == "two_pass":
+        raise ValueError("the two-pass DPM update needs the HMG optimiser; use mode='single_pass'")
     fwd = forward if forward is not None else model
 
     def run() -> Tuple[Tensor, Dict[str, Tensor], Dict[str, Any]]:
@@ -716,12 +757,13 @@ def dpm_train_step(
         backward(total)
         _step(hmg_optimizer, scaler, grad_clip)
     else:
-        optimizer.zero_grad(set_to_none=True)
-        hmg_optimizer.zero_grad(set_to_none=True)
+        optimizers = [o for o in (optimizer, hmg_optimizer) if o is not None]
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
         total, losses, outputs = run()
         backward(total)
-        _step(optimizer, scaler, grad_clip, update=False)
-        _step(hmg_optimizer, scaler, grad_clip, update=False)
+        for o in optimizers:
+            _step(o, scaler, grad_clip, update=False)
         if scaler is not None:
             scaler.update()
     stats = {k: float(v.detach()) for k, v in losses.items()}

@@ -37,11 +37,16 @@ switch                   official (default)      paper / alternative
                          written by both)
 ``memory_init``          ``"no_oem"``            ``"oem"`` (centres of f' after OEM)
 ``fdm_bn``               ``"shared"``            ``"separate"`` (own BNNeck for FDM)
-``loss_weights``         ``"official"``          ``"paper"`` (1/2 everywhere, Eq. 10)
+``loss_weights``         ``"official"``          ``"paper"`` (1/2 everywhere, Eq. 10),
+                                                 ``"no_mse"`` (DukeMTMC-reID recipe)
 ``mask_rule``            ``"official"``          ``"paper"`` (> 3/4 covered)
 ``part_pooling``         ``"rows"`` (= official  ``"flat"`` (official flatten-and-pool,
                          when gy % P == 0)       misaligned when gy % P != 0)
 =======================  ======================  =======================================
+
+Ablation switches (Table 3): ``oem=False`` drops the OEM (scores fixed to 1, no MSE terms);
+``fdm=False`` drops the memory search and FDM (no FDM logits, features or losses). The
+memory bank and its contrastive loss on the OEM features stay in both cases.
 """
 
 from __future__ import annotations
@@ -391,6 +396,8 @@ class FED(nn.Module):
         loss_weights: str = "official",
         mask_rule: str = "official",
         part_pooling: str = "rows",
+        oem: bool = True,
+        fdm: bool = True,
     ) -> None:
         super().__init__()
         _check_choice("global_token", global_token, GLOBAL_TOKENS)
@@ -417,6 +424,8 @@ class FED(nn.Module):
         self.loss_weights = loss_weights
         self.mask_rule = mask_rule
         self.part_pooling = part_pooling
+        self.use_oem = bool(oem)
+        self.use_fdm = bool(fdm)
         if int(backbone.grid_size[0]) < self.num_parts and part_pooling == "rows":
             raise ValueError(
                 f"the backbone's token grid has {backbone.grid_size[0]} rows, fewer than "
@@ -424,17 +433,21 @@ class FED(nn.Module):
             )
 
         Fd = self.feature_dim
-        self.oem = OEM(D, self.num_parts, oem_reduction)
+        self.oem = OEM(D, self.num_parts, oem_reduction) if self.use_oem else None
         self.part_bn = BNNeck(Fd)  # = P per-part BNNecks (official bottleneck_local)
-        self.fdm = FDM(D, self.num_parts, num_heads, ffn_mult, attn_scale, ffn_style, fdm_head_merge)
-        self.fdm_bn = BNNeck(Fd) if fdm_bn == "separate" else None
+        self.fdm = (
+            FDM(D, self.num_parts, num_heads, ffn_mult, attn_scale, ffn_style, fdm_head_merge)
+            if self.use_fdm
+            else None
+        )
+        self.fdm_bn = BNNeck(Fd) if fdm_bn == "separate" and self.use_fdm else None
         self.classifier_oem = Classifier(Fd, num_classes)  # official classifier1
-        self.classifier_fdm = Classifier(Fd, num_classes)  # official classifier2
+        self.classifier_fdm = Classifier(Fd, num_classes) if self.use_fdm else None  # classifier2
         self.classifier_global = Classifier(D, num_classes)  # official classifier3
         self.memory = IdentityMemory(num_classes, Fd, momentum=memory_momentum, update_rule=memory_update)
         self.memory_fdm = (
             IdentityMemory(num_classes, Fd, momentum=memory_momentum, update_rule=memory_update)
-            if memory_banks == "separate"
+            if memory_banks == "separate" and self.use_fdm
             else None
         )
         if num_classes - 1 < self.num_neighbours:
@@ -453,6 +466,12 @@ class FED(nn.Module):
         parts = part_pool(tokens[:, 1:], self.backbone.grid_size, self.num_parts, self.part_pooling)
         return glob, parts
 
+    def _erase(self, parts: Tensor) -> Tuple[Tensor, Tensor]:
+        """OEM, or the identity with scores 1 when the OEM is ablated (``oem=False``)."""
+        if self.oem is None:
+            return parts, parts.new_ones(parts.shape[:2])
+        return self.oem(parts)
+
     def _fdm_bn(self) -> nn.Module:
         return self.part_bn if self.fdm_bn is None else self.fdm_bn
 
@@ -461,6 +480,8 @@ class FED(nn.Module):
 
     def _diffuse(self, feat: Tensor, scores: Tensor, labels: Optional[Tensor]) -> Tensor:
         """Memory search + FDM, ``feat [B, F]`` -> diffused ``[B, P, D]`` (before the BNNeck)."""
+        if self.fdm is None:
+            raise OccReIDError("this FED model was built with fdm=False: it has no FDM")
         bank = self.memory
         bank.check_initialized()
         latents, _ = memory_search(feat, bank.normalized().to(feat.dtype), self.num_neighbours, labels)
@@ -497,29 +518,34 @@ class FED(nn.Module):
         cams = None if cam_ids is None else torch.cat([cam_ids, cam_ids])
         # Both views share every backbone parameter: one pass over the 2B images.
         glob, parts = self._parts(torch.cat([clean, occluded]), cams)  # [2B, D], [2B, P, D]
-        erased, scores = self.oem(parts)  # [2B, P, D], [2B, P]
+        erased, scores = self._erase(parts)  # [2B, P, D], [2B, P]
         # BNNeck per branch (separate batch statistics, official call order).
         feat_clean = self.part_bn(erased[:B].flatten(1))  # [B, F]
         feat_occ = self.part_bn(erased[B:].flatten(1))
         feat = torch.cat([feat_clean, feat_occ])
-        # FDM per branch: with the official head merge a sample's output mixes heads of the
-        # other samples of its own branch's batch, so the branches must not be concatenated.
-        bn = self._fdm_bn()
-        fdm_clean = bn(self._diffuse(feat_clean, scores[:B], pids).flatten(1))  # [B, F]
-        fdm_occ = bn(self._diffuse(feat_occ, scores[B:], pids).flatten(1))
         logits_global = self.classifier_global(glob)
         logits_oem = self.classifier_oem(feat)
-        logits_fdm = self.classifier_fdm(torch.cat([fdm_clean, fdm_occ]))
-        self._update_pending = True
-        return {
+        out = {
             "logits_oem_clean": logits_oem[:B], "logits_oem_occ": logits_oem[B:],
-            "logits_fdm_clean": logits_fdm[:B], "logits_fdm_occ": logits_fdm[B:],
             "logits_global_clean": logits_global[:B], "logits_global_occ": logits_global[B:],
             "feat_oem_clean": feat_clean, "feat_oem_occ": feat_occ,
-            "feat_fdm_clean": fdm_clean, "feat_fdm_occ": fdm_occ,
-            "scores_clean": scores[:B], "scores_occ": scores[B:],
             "mask": mask,
         }
+        if self.oem is not None:
+            out.update(scores_clean=scores[:B], scores_occ=scores[B:])
+        if self.fdm is not None:
+            # FDM per branch: with the official head merge a sample's output mixes heads of the
+            # other samples of its own branch's batch, so the branches must not be concatenated.
+            bn = self._fdm_bn()
+            fdm_clean = bn(self._diffuse(feat_clean, scores[:B], pids).flatten(1))  # [B, F]
+            fdm_occ = bn(self._diffuse(feat_occ, scores[B:], pids).flatten(1))
+            logits_fdm = self.classifier_fdm(torch.cat([fdm_clean, fdm_occ]))
+            out.update(
+                logits_fdm_clean=logits_fdm[:B], logits_fdm_occ=logits_fdm[B:],
+                feat_fdm_clean=fdm_clean, feat_fdm_occ=fdm_occ,
+            )
+        self._update_pending = True
+        return out
 
     def forward_features(
         self, images: Tensor, cam_ids: Optional[Tensor] = None, *, with_fdm: bool = False
@@ -537,7 +563,7 @@ class FED(nn.Module):
                 f"FED inference expects RGB images [B, 3, H, W]; got shape {tuple(images.shape)}"
             )
         glob, parts = self._parts(images, cam_ids)
-        erased, scores = self.oem(parts)
+        erased, scores = self._erase(parts)
         feat = self.part_bn(erased.flatten(1))
         out = {"feat": feat, "part_scores": scores, "global": glob}
         if with_fdm:
@@ -579,7 +605,7 @@ class FED(nn.Module):
             )
         _, parts = self._parts(images, cam_ids)
         if self.memory_init == "oem":
-            parts = self.oem(parts)[0]
+            parts = self._erase(parts)[0]
         return self.part_bn(parts.flatten(1))
 
     @torch.no_grad()
@@ -633,7 +659,8 @@ class FED(nn.Module):
         """
         pids = pids.to(outputs["feat_oem_clean"].device).long()
         if self.memory_fdm is None:
-            self.memory.update(outputs["feat_fdm_clean"], pids)
+            if "feat_fdm_clean" in outputs:
+                self.memory.update(outputs["feat_fdm_clean"], pids)
             self.memory.update(outputs["feat_oem_clean"], pids)
         else:
             self.memory.update(outputs["feat_oem_clean"], pids)
