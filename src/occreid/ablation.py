@@ -1,6 +1,6 @@
 """The SynthOcc ablations of FED (paper Tables 3-4) and DPM (paper Tables 3-4), one command each.
 
-``occreid ablate fed-components`` (or ``fed-k``, ``dpm-components``, ``dpm-losses``) trains
+``occreid ablate fed-components`` (or ``fed-k``, ``fed-switches``, ``dpm-components``, ``dpm-losses``) trains
 every row of the table with ``occreid train`` on the SynthOcc demo preset (the demo recipe of
 ``configs/synthocc/*_demo.yaml``; one row = one config plus overrides), evaluates it, and
 writes ``results.json`` and ``results.md`` (overall and per occlusion type) in the output
@@ -96,6 +96,19 @@ TABLES: Dict[str, Table] = {
             Row("K = 4", "fed_k4", _FED, ("model.kwargs.num_neighbours=4",)),
             Row("K = 6", "fed_k6", _FED, ("model.kwargs.num_neighbours=6",)),
             Row("K = 8 (default)", "fed", _FED, headline=True),
+        ),
+    ),
+    "fed-switches": Table(
+        title="FED: official-vs-paper switches that may matter at this scale (investigation)",
+        paper="no paper table; the switches are documented in docs/methods/fed.md",
+        rows=(
+            Row("FED (official switches)", "fed", _FED, headline=True),
+            Row("global_token=cls (paper)", "fed_cls", _FED, ("model.kwargs.global_token=cls",)),
+            Row("fdm_head_merge=per_sample (paper)", "fed_per_sample", _FED, ("model.kwargs.fdm_head_merge=per_sample",)),
+        ),
+        notes=(
+            "The official 'global' branch classifies the first patch token (a corner patch), "
+            "not the cls token; the official FDM mixes attention heads across the batch."
         ),
     ),
     "dpm-components": Table(

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     a = sub.add_parser("ablate", help="run a paper ablation table on SynthOcc (FED/DPM Tables 3-4)")
-    a.add_argument("table", help="fed-components | fed-k | dpm-components | dpm-losses")
+    a.add_argument("table", help="fed-components | fed-k | fed-switches | dpm-components | dpm-losses")
     a.add_argument("--output", default="outputs/ablations", help="runs and result tables go here")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the headline rows (others: the first)")
     a.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")

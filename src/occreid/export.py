@@ -80,6 +80,11 @@ class InferenceModule(nn.Module):
 
     def __init__(self, model: nn.Module, method: str, pixel_mean, pixel_std) -> None:
         super().__init__()
+        if method == "dpm" and getattr(model, "hmg", True) is None:
+            raise OccReIDError(
+                "this DPM checkpoint is an ablation without the masked branch (masked_branch=false): "
+                "it has no mask output to export; it is the ViT baseline, train model.name=baseline to deploy it"
+            )
         self.model = model.eval()
         self.method = method
         self.register_buffer("pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(1, 3, 1, 1))
