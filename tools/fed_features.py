@@ -3,7 +3,8 @@
     python tools/fed_features.py outputs/ablations/runs/fed/seed0/model_final.pth
 
 Prints mAP (all / holistic / NPO / NTP / occluded) for: the official retrieval feature f'
-(OEM-weighted, BNNeck'd parts), the same parts without the OEM weights, each single part, the
+(OEM-weighted, BNNeck'd parts), the same parts without the OEM weights, each single part, f'
+without the top stripe, the
 "global" token the official code classifies (the first patch token), the cls token, and the
 FDM ("reconstructed") feature. Cosine distance on L2-normalised features throughout.
 """
@@ -30,7 +31,7 @@ class _Features(torch.nn.Module):
         _, parts = fed._parts(images, cam_ids)
         erased, scores = fed._erase(parts)
         out = {
-            "feat": fed.part_bn(erased.flatten(1)),
+            "feat": fed.part_bn(erased.flatten(1)),  # the official retrieval feature f'
             "parts_no_oem": fed.part_bn(parts.flatten(1)),
             "global_patch1": tokens[:, 1],
             "cls": tokens[:, 0],
@@ -39,6 +40,7 @@ class _Features(torch.nn.Module):
         bn = fed.part_bn(parts.flatten(1)).view(len(images), fed.num_parts, -1)
         for i in range(fed.num_parts):
             out[f"part{i}"] = bn[:, i]
+        out["parts_wo_top"] = out["feat"].view(len(images), fed.num_parts, -1)[:, 1:].flatten(1)
         if fed.fdm is not None:
             out["fdm"] = fed.forward_features(images, cam_ids, with_fdm=True)["fdm_feat"]
         return out
