@@ -461,3 +461,14 @@ def test_angular_margin_on_the_plain_branch_and_softmax_masked_branch():
     torch.testing.assert_close(losses["id"], want_id, atol=1e-5, rtol=1e-5)
     # Mask-Cls "S": margin 0 is the softmax over 30 * masked cosine.
     torch.testing.assert_close(losses["arc"], 0.5 * F.cross_entropy(30.0 * out["cos"], y), atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_channels_and_hard_margin_triplet_switches():
+    m = _model(hmg_hidden_channels=(24, 16, 32), triplet_margin=0.3)
+    convs = [mod for mod in m.hmg.conv_layers.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [24, 16, 32]
+    x, y, c = _batch()
+    m.train()
+    out = m(x, c)
+    assert out["mask"].shape == (x.shape[0], m.feature_dim)
+    torch.testing.assert_close(m.loss(out, y)["triplet"], TripletLoss(0.3)(out["global_feat"], y))

@@ -41,6 +41,11 @@ def main(path: str) -> None:
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     print(f"query masks: mean {mask[:nq].mean():.3f}, std over channels {mask[:nq].std(1).mean():.3f}, "
           f"min {mask[:nq].min():.3f}, max {mask[:nq].max():.3f}")
+    mbar = mask[:nq].mean(0)
+    for grp in ("holistic", "npo", "ntp"):
+        sel = torch.tensor([x == grp for x in groups])
+        dev = ((mask[:nq][sel] - mbar).norm(dim=1) / mbar.norm()).mean()
+        print(f"  {grp} queries: mean mask {mask[:nq][sel].mean():.3f}, relative distance to the average mask {dev:.3f}")
     print(f"pre-BN feature: per-channel |mean|/std median {float((mean.abs() / std).median()):.2f}; "
           f"BN scale max/min {float(scale.max() / scale.min()):.1f}")
     print(f"{'feature / distance':>22} | mAP all | holistic | NPO | NTP | occluded")
