@@ -17,7 +17,9 @@ import torch
 
 from occreid.engine.build import build_datasets, build_test_loader, model_from_checkpoint
 from occreid.engine.checkpoint import load_checkpoint
-from occreid.evaluation.extract import evaluate_features, extract_features
+from occreid.evaluation.extract import extract_features
+
+from _report import print_header, report
 
 
 def main(path: str) -> None:
@@ -48,16 +50,12 @@ def main(path: str) -> None:
         print(f"  {grp} queries: mean mask {mask[:nq][sel].mean():.3f}, relative distance to the average mask {dev:.3f}")
     print(f"pre-BN feature: per-channel |mean|/std median {float((mean.abs() / std).median()):.2f}; "
           f"BN scale max/min {float(scale.max() / scale.min()):.1f}")
-    print(f"{'feature / distance':>22} | mAP all | holistic | NPO | NTP | occluded")
+    print_header(22)
     for space, feat in (("pre-BN", pre["feat"]), ("post-BN", post_feat)):
         for masked in (False, True):
-            q = {"feat": feat[:nq], "mask": mask[:nq], "pids": pre["pids"][:nq], "camids": pre["camids"][:nq]}
-            g = {"feat": feat[nq:], "mask": mask[nq:], "pids": pre["pids"][nq:], "camids": pre["camids"][nq:]}
-            m = evaluate_features(q, g, model=model if masked else None, metric="cosine", query_groups=groups)
-            b = m["by_occlusion"]
+            feats = {"feat": feat, "mask": mask, "pids": pre["pids"], "camids": pre["camids"]}
             name = f"{space} {'query mask' if masked else 'cosine'}"
-            print(f"{name:>22} | {100 * m['mAP']:7.1f} | {100 * b['holistic']['mAP']:8.1f} | "
-                  f"{100 * b['npo']['mAP']:4.1f} | {100 * b['ntp']['mAP']:4.1f} | {100 * b['occluded']['mAP']:.1f}")
+            report(name, 22, feats, nq, groups, model=model if masked else None)
 
 
 if __name__ == "__main__":

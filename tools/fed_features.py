@@ -17,7 +17,9 @@ import torch
 
 from occreid.engine.build import build_datasets, build_test_loader, model_from_checkpoint
 from occreid.engine.checkpoint import load_checkpoint
-from occreid.evaluation.extract import evaluate_features
+from occreid.evaluation.extract import extract_features
+
+from _report import print_header, report
 
 
 class _Features(torch.nn.Module):
@@ -52,8 +54,6 @@ def main(path: str) -> None:
     fed = model_from_checkpoint(ckpt)
     _, test_ds = build_datasets(cfg)
     query, gallery = list(test_ds.query), list(test_ds.gallery)
-    from occreid.evaluation.extract import extract_features
-
     feats = extract_features(_Features(fed), build_test_loader(cfg, query + gallery), torch.device("cpu"))
     nq = len(query)
     groups = [r.occlusion for r in query]
@@ -61,14 +61,9 @@ def main(path: str) -> None:
     for g in ("holistic", "npo", "ntp"):
         sel = torch.tensor([x == g for x in groups])
         print(f"mean OEM scores per stripe, {g} queries: {[round(v, 3) for v in scores[sel].mean(0).tolist()]}")
-    print(f"{'feature':>14} | mAP all | holistic | NPO | NTP | occluded")
+    print_header(14)
     for key in [k for k in feats if k not in ("pids", "camids", "index", "scores")]:
-        q = {"feat": feats[key][:nq], "pids": feats["pids"][:nq], "camids": feats["camids"][:nq]}
-        g = {"feat": feats[key][nq:], "pids": feats["pids"][nq:], "camids": feats["camids"][nq:]}
-        m = evaluate_features(q, g, model=None, metric="cosine", query_groups=groups)
-        b = m["by_occlusion"]
-        print(f"{key:>14} | {100 * m['mAP']:7.1f} | {100 * b['holistic']['mAP']:8.1f} | "
-              f"{100 * b['npo']['mAP']:4.1f} | {100 * b['ntp']['mAP']:4.1f} | {100 * b['occluded']['mAP']:.1f}")
+        report(key, 14, {"feat": feats[key], "pids": feats["pids"], "camids": feats["camids"]}, nq, groups)
 
 
 if __name__ == "__main__":

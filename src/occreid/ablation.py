@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -208,8 +208,8 @@ def _post_bn_metrics(folder: Path) -> Dict[str, Any]:
 
     ckpt = load_checkpoint(folder / "model_final.pth")
     model = model_from_checkpoint(ckpt)
-    if not hasattr(model, "neck_feat"):
-        raise OccReIDError(f"{folder}: not a DPM checkpoint")
+    if getattr(model, "hmg", None) is None:
+        raise OccReIDError(f"{folder}: not a DPM checkpoint with a masked branch")
     model.neck_feat = "after"
     _, test_ds = build_datasets(ckpt["config"])
     return evaluate_model(model, ckpt["config"], test_ds, torch.device("cpu"), None)
@@ -280,7 +280,7 @@ def run_table(
         for row, seed in plan:
             folder = run_dir(output, row, seed)
             target = folder / "metrics_post_bn.json"
-            if not target.is_file() and not any("masked_branch=false" in o for o in row.overrides):
+            if not target.is_file() and _NO_MASK not in row.overrides:
                 atomic_write_text(json.dumps(_post_bn_metrics(folder), indent=2), target)
     result = summarise(table, output, list(seeds))
     table_dir = output / name
@@ -298,9 +298,8 @@ def _lookup(metrics: Dict[str, Any], path: Sequence[str]) -> float:
 
 
 def _stats(values: List[float]) -> Dict[str, Any]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": values}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.mean(values), "std": std, "min": min(values), "max": max(values), "values": values}
 
 
 def summarise(table: Table, output: Path, seeds: Sequence[int]) -> Dict[str, Any]:
@@ -328,9 +327,7 @@ def summarise(table: Table, output: Path, seeds: Sequence[int]) -> Dict[str, Any
     return {"title": table.title, "paper": table.paper, "notes": table.notes, "rows": rows}
 
 
-def _cell(stat: Optional[Dict[str, Any]]) -> str:
-    if stat is None:
-        return "–"
+def _cell(stat: Dict[str, Any]) -> str:
     if stat["std"] is None:
         return f"{stat['mean']:.1f}"
     return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
@@ -347,9 +344,9 @@ def format_markdown(result: Dict[str, Any]) -> str:
         lines.append("| row | seeds | " + " | ".join(h for h, _ in COLUMNS) + " |")
         lines.append("|---|---|" + "---|" * len(COLUMNS))
         for r in result["rows"]:
-            stats = r.get(kind) or (r.get("official") if kind == "post_bn" else None)
+            stats = r.get(kind) or r["official"]  # rows without a masked branch: plain cosine
             seeds = ",".join(str(s) for s in r["seeds"]) + ("" if len(r["seeds"]) > 1 else " (single seed)")
-            cells = [_cell(stats[h]) if stats else "–" for h, _ in COLUMNS]
+            cells = [_cell(stats[h]) for h, _ in COLUMNS]
             lines.append(f"| {r['label']} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     if any("post_bn" in r for r in result["rows"]) and any("post_bn" not in r for r in result["rows"]):

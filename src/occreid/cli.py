@@ -311,7 +311,7 @@ def cmd_visualize(args) -> int:
 
     from .config import load_config
     from .engine.build import build_datasets
-    from .evaluation.extract import evaluate_features
+    from .evaluation.extract import evaluate_features, split_query_gallery
     from .retrieval import GalleryIndex
     from .utils.io import atomic_write_text
     from .viz.curves import plot_training_log
@@ -323,9 +323,7 @@ def cmd_visualize(args) -> int:
     query, gallery = list(test_ds.query), list(test_ds.gallery)
     recs = query + gallery
     feats = ex.extract([r.path for r in recs], cam_ids=[r.camid for r in recs] if ex.uses_cameras else None)
-    nq = len(query)
-    q = {k: v[:nq] for k, v in feats.items()}
-    g = {k: v[nq:] for k, v in feats.items()}
+    q, g = split_query_gallery(feats, len(query))
     for part, rr in ((q, query), (g, gallery)):
         part["pids"] = torch.tensor([r.pid for r in rr])
         part["camids"] = torch.tensor([r.camid for r in rr])
@@ -369,7 +367,7 @@ def cmd_visualize(args) -> int:
         sections.insert(0, ("Training curves", [(png, str(log))]))
     info = {"checkpoint": str(args.weights), "method": ex.method, "backbone": ex.backbone,
             "feature dim": ex.feature_dim, "input (H x W)": f"{ex.img_size[0]} x {ex.img_size[1]}",
-            "fingerprint": ex.fingerprint, "dataset": f"{test_ds.name}: {nq} queries, {len(gallery)} gallery images",
+            "fingerprint": ex.fingerprint, "dataset": f"{test_ds.name}: {len(query)} queries, {len(gallery)} gallery images",
             "distance": ex.retrieval["distance"]}
     report = write_report(out / "report.html", title=f"occreid: {ex.method} on {test_ds.name}", info=info,
                           metrics=metrics, sections=sections, extra=extra)

@@ -348,7 +348,7 @@ class Trainer:
 
 def evaluate_model(model, cfg, test_ds, device, amp, query=None, gallery=None) -> Dict[str, Any]:
     """Extract query+gallery features (sharded under DDP) and compute metrics on every rank."""
-    from ..evaluation.extract import evaluate_features, extract_features
+    from ..evaluation.extract import evaluate_features, extract_features, split_query_gallery
 
     query = list(test_ds.query if query is None else query)
     gallery = list(test_ds.gallery if gallery is None else gallery)
@@ -356,8 +356,7 @@ def evaluate_model(model, cfg, test_ds, device, amp, query=None, gallery=None) -
     loader = build_test_loader(cfg, query + gallery)
     feats = extract_features(model, loader, device, amp, use_cameras=bool(cfg["model"]["sie_camera"]))
     nq = len(query)
-    q = {k: v[:nq] for k, v in feats.items()}
-    g = {k: v[nq:] for k, v in feats.items()}
+    q, g = split_query_gallery(feats, nq)
     groups = [getattr(r, "occlusion", None) for r in query]
     metrics = evaluate_features(
         q,

@@ -68,7 +68,8 @@ def extract_features(
     return result
 
 
-def _split(feats: Dict[str, torch.Tensor], n_query: int):
+def split_query_gallery(feats: Dict[str, torch.Tensor], n_query: int):
+    """``(query, gallery)`` dicts from features extracted over ``query + gallery`` records."""
     q = {k: v[:n_query] for k, v in feats.items()}
     g = {k: v[n_query:] for k, v in feats.items()}
     return q, g

@@ -133,17 +133,19 @@ def fed_losses(
     pids = pids.to(outputs["logits_oem_clean"].device).long()
 
     raw: Dict[str, torch.Tensor] = {}
-    if "scores_clean" in outputs and (w["mse_clean"] or w["mse_occ"]):
+    if "scores_clean" in outputs:
         s_clean, s_occ = outputs["scores_clean"].float(), outputs["scores_occ"].float()
         raw["mse_clean"] = F.mse_loss(s_clean, torch.ones_like(s_clean))
         raw["mse_occ"] = F.mse_loss(s_occ, outputs["mask"].to(s_occ))
-    heads = ("oem", "fdm") if "logits_fdm_clean" in outputs else ("oem",)
-    for head in heads + ("global",):
+    centres = {"oem": centres_oem, "fdm": centres_fdm}
+    if "logits_fdm_clean" not in outputs:  # FED without the FDM (ablation)
+        del centres["fdm"]
+    for head in (*centres, "global"):
         for branch in ("clean", "occ"):
             raw[f"id_{head}_{branch}"] = F.cross_entropy(outputs[f"logits_{head}_{branch}"].float(), pids)
-    for head, centres in (("oem", centres_oem), ("fdm", centres_fdm))[: len(heads)]:
+    for head, bank in centres.items():
         for branch in ("clean", "occ"):
             raw[f"mc_{head}_{branch}"] = memory_contrastive_loss(
-                outputs[f"feat_{head}_{branch}"], pids, centres, temperature
+                outputs[f"feat_{head}_{branch}"], pids, bank, temperature
             )
     return {k: v * w[k] for k, v in raw.items() if w[k]}

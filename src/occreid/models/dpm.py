@@ -482,13 +482,12 @@ class DPM(nn.Module):
                 "DPM: HMG blocks %s of a %d-block model -> %s for this %d-block backbone",
                 tuple(hmg_blocks), hmg_reference_depth, self.hmg_blocks, backbone.depth,
             )
-        self.masked_branch = bool(masked_branch)
         self.cls_margin = None if cls_margin is None else float(cls_margin)
         self.hmg = (
             HierarchicalMaskGenerator(
                 dim, len(self.hmg_blocks), hmg_hidden_channels, pooling=hmg_pooling, mask_fc=hmg_fc
             )
-            if self.masked_branch
+            if masked_branch
             else None
         )
         self.bottleneck = BNNeck(dim)

@@ -424,8 +424,6 @@ class FED(nn.Module):
         self.loss_weights = loss_weights
         self.mask_rule = mask_rule
         self.part_pooling = part_pooling
-        self.use_oem = bool(oem)
-        self.use_fdm = bool(fdm)
         if int(backbone.grid_size[0]) < self.num_parts and part_pooling == "rows":
             raise ValueError(
                 f"the backbone's token grid has {backbone.grid_size[0]} rows, fewer than "
@@ -433,21 +431,21 @@ class FED(nn.Module):
             )
 
         Fd = self.feature_dim
-        self.oem = OEM(D, self.num_parts, oem_reduction) if self.use_oem else None
+        self.oem = OEM(D, self.num_parts, oem_reduction) if oem else None
         self.part_bn = BNNeck(Fd)  # = P per-part BNNecks (official bottleneck_local)
         self.fdm = (
             FDM(D, self.num_parts, num_heads, ffn_mult, attn_scale, ffn_style, fdm_head_merge)
-            if self.use_fdm
+            if fdm
             else None
         )
-        self.fdm_bn = BNNeck(Fd) if fdm_bn == "separate" and self.use_fdm else None
+        self.fdm_bn = BNNeck(Fd) if fdm_bn == "separate" and fdm else None
         self.classifier_oem = Classifier(Fd, num_classes)  # official classifier1
-        self.classifier_fdm = Classifier(Fd, num_classes) if self.use_fdm else None  # classifier2
+        self.classifier_fdm = Classifier(Fd, num_classes) if fdm else None  # classifier2
         self.classifier_global = Classifier(D, num_classes)  # official classifier3
         self.memory = IdentityMemory(num_classes, Fd, momentum=memory_momentum, update_rule=memory_update)
         self.memory_fdm = (
             IdentityMemory(num_classes, Fd, momentum=memory_momentum, update_rule=memory_update)
-            if memory_banks == "separate" and self.use_fdm
+            if memory_banks == "separate" and fdm
             else None
         )
         if num_classes - 1 < self.num_neighbours:
