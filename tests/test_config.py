@@ -71,10 +71,8 @@ def test_free_form_kwargs_accepted():
     assert cfg["model"]["kwargs"] == {"num_parts": 4}
 
 
-@pytest.mark.parametrize("name", list_configs())
+@pytest.mark.parametrize("name", [n for n in list_configs() if not n.startswith("_")])  # not the base fragments
 def test_every_shipped_config_loads(name):
-    if name.startswith("_"):
-        pytest.skip("base fragment")
     cfg = load_config(config_path(name))
     assert cfg["model"]["name"] in ("baseline", "fed", "dpm")
 

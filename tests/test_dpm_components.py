@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from occreid.losses.arcface import ArcFaceLoss, arcface_logits, masked_cosine
 from occreid.losses.hem import HeadOrthogonalityLoss, head_orthogonality_loss
-from occreid.models.dpm import (
+from occreid.methods.dpm.model import (
     HeadEnrichModule,
     HierarchicalMaskGenerator,
     MaskedPrototypeClassifier,
@@ -117,7 +117,7 @@ def test_hmg_avg_pooling_variant_reference():
 
 
 def test_hmg_pooling_equals_official_maxpool_on_official_grids():
-    from occreid.models.dpm import _Pool2x2
+    from occreid.methods.dpm.model import _Pool2x2
 
     pool = _Pool2x2("max")
     for h, w in [(22, 11), (11, 5), (21, 10), (10, 5), (5, 2)]:

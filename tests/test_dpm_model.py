@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +13,17 @@ from occreid.losses.arcface import arcface_logits
 from occreid.losses.hem import head_orthogonality_loss
 from occreid.losses.triplet import TripletLoss
 from occreid.models.backbone import build_backbone
-from occreid.models.dpm import DPM, convert_official_state_dict, dpm_train_step, tokens_to_maps
-from occreid.models.registry import build_model
+from occreid.engine.step import TrainStep, build_method_optimizers
+from occreid.methods import build_model, get_method
+from occreid.methods.dpm.model import DPM, convert_official_state_dict, tokens_to_maps
+from occreid.utils import OccReIDError
+
+SPEC = get_method("dpm")
+
+
+def _step(m, x, y, c, optimizers, **kw):
+    """One iteration of the engine's TrainStep with DPM's spec (the code ``occreid train`` runs)."""
+    return TrainStep(SPEC, m, optimizers, **kw)({"images": x, "pids": y, "camids": c})
 
 
 def _model(backbone="vit_nano", img=(32, 16), stride=8, cams=3, num_classes=4, seed=0, **kw):
@@ -43,7 +50,7 @@ def _batch(img=(32, 16), n_ids=4, per_id=2, cams=3, seed=1):
 def test_registered_and_built_by_name():
     m = build_model("dpm", num_classes=5, backbone="vit_nano", img_size=(32, 16), stride=8, arc_margin=0.3)
     assert isinstance(m, DPM) and m.arc_margin == 0.3 and m.num_classes == 5
-    with pytest.raises(TypeError, match="hmg_pool"):
+    with pytest.raises(OccReIDError, match="hmg_pool"):
         build_model("dpm", num_classes=5, backbone="vit_nano", img_size=(32, 16), stride=8, hmg_pool="avg")
 
 
@@ -243,13 +250,13 @@ def test_two_pass_update_matches_reference():
 
     calls = {"n": 0}
 
-    def forward(images, cam_ids=None):
+    def forward(images, cam_ids=None, **kw):
         calls["n"] += 1
-        return m(images, cam_ids)
+        return m(images, cam_ids, **kw)
 
     opt = torch.optim.SGD(m.main_parameters(), lr=lr)
     hopt = torch.optim.SGD(m.hmg_parameters(), lr=lr)
-    stats = dpm_train_step(m, x, y, c, optimizer=opt, hmg_optimizer=hopt, forward=forward)
+    stats = _step(m, x, y, c, [opt, hopt], forward=forward)
     assert calls["n"] == 2
     assert set(stats) == {"id", "arc", "hem", "triplet", "loss", "acc"}
     changed_hmg = 0
@@ -265,32 +272,32 @@ def test_two_pass_update_matches_reference():
 
 def test_single_pass_update_matches_reference():
     lr = 0.05
-    m = _model().train()
+    m = _model(update_mode="single_pass").train()
     x, y, c = _batch()
     p0 = {n: p.detach().clone() for n, p in m.named_parameters()}
     g = _grads(copy.deepcopy(m), x, y, c)
     calls = {"n": 0}
 
-    def forward(images, cam_ids=None):
+    def forward(images, cam_ids=None, **kw):
         calls["n"] += 1
-        return m(images, cam_ids)
+        return m(images, cam_ids, **kw)
 
     opt = torch.optim.SGD(m.main_parameters(), lr=lr)
     hopt = torch.optim.SGD(m.hmg_parameters(), lr=lr)
-    dpm_train_step(m, x, y, c, optimizer=opt, hmg_optimizer=hopt, forward=forward, mode="single_pass")
+    _step(m, x, y, c, [opt, hopt], forward=forward)
     assert calls["n"] == 1
     for n, p in m.named_parameters():
         exp = p0[n] - lr * g[n] if n in g else p0[n]
         torch.testing.assert_close(p.detach(), exp, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_configure_optimizers_constant_hmg_lr():
+def test_param_sets_constant_hmg_lr():
     m = _model()
     s = dict(
         optimizer="SGD", base_lr=0.008, bias_lr_factor=2.0, weight_decay=1e-4, weight_decay_bias=1e-4,
         momentum=0.9, max_epochs=10, warmup_epochs=2, warmup_lr_factor=0.01, min_lr_factor=0.002,
     )
-    (opt, hopt), scheds = m.configure_optimizers(s, list(m.named_parameters()))
+    (opt, hopt), scheds = build_method_optimizers(SPEC, m, s)
     assert len(scheds) == 1
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     in_h = {id(p) for g in hopt.param_groups for p in g["params"]}
@@ -303,29 +310,26 @@ def test_configure_optimizers_constant_hmg_lr():
         assert sorted(g["lr"] for g in hopt.param_groups) == pytest.approx([0.008, 0.016])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.008 * 0.002)  # main: cosine to lr_min
     m2 = _model(hmg_lr_schedule="cosine")
-    (_, hopt2), scheds2 = m2.configure_optimizers(s, list(m2.named_parameters()))
+    (_, hopt2), scheds2 = build_method_optimizers(SPEC, m2, s)
     assert len(scheds2) == 2
     scheds2[1].step(10)
     assert hopt2.param_groups[0]["lr"] == pytest.approx(0.008 * 0.002)
 
 
-def test_training_step_hook_with_trainer_pieces():
+def test_engine_step_with_clipping_returns_float_stats():
     m = _model().train()
     x, y, c = _batch()
     opt = torch.optim.SGD(m.main_parameters(), lr=0.01)
     hopt = torch.optim.SGD(m.hmg_parameters(), lr=0.01)
-    trainer = SimpleNamespace(
-        optimizers=[opt, hopt],
-        model=m,
-        autocast=contextlib.nullcontext,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        cfg={"solver": {"grad_clip": 1.0}},
-    )
     before = m.hmg.fc.weight.detach().clone()
-    stats = m.training_step(trainer, {"images": x, "pids": y, "camids": c})
+    stats = _step(m, x, y, c, [opt, hopt], grad_clip=1.0)
     assert all(isinstance(v, float) for v in stats.values())
     assert stats["loss"] == pytest.approx(sum(stats[k] for k in ("id", "arc", "hem", "triplet")), rel=1e-5)
     assert not torch.equal(before, m.hmg.fc.weight)
+    with pytest.raises(OccReIDError, match="passes use optimisers"):
+        TrainStep(SPEC, m, [opt])  # the two-pass update needs the HMG optimiser
+    with pytest.raises(OccReIDError, match="accum_steps"):
+        TrainStep(SPEC, m, [opt, hopt], accum_steps=2)
 
 
 # ------------------------------------------------------------------------- retrieval
@@ -338,7 +342,7 @@ def test_retrieval_distance_hook():
         out = m(x, c)
     q = {k: v[:3] for k, v in out.items()}
     g = {k: v[3:] for k, v in out.items()}
-    dist = m.retrieval_distance(q, g)
+    dist = SPEC.retrieval_distance(m, q, g)
     assert isinstance(dist, MaskedCosineDistance) and dist.num_queries == 3
     # per-query reference: the query's mask on the normalised gallery features
     g_hat = F.normalize(g["feat"], dim=1)
@@ -375,7 +379,7 @@ def test_convert_official_state_dict_round_trip():
 
 
 def test_evaluate_features_uses_the_query_mask_distance():
-    extract = pytest.importorskip("occreid.evaluation.extract")
+    from occreid.evaluation import extract
     from occreid.evaluation import evaluate_rank
 
     m = _model().eval()
@@ -385,7 +389,7 @@ def test_evaluate_features_uses_the_query_mask_distance():
     feats = {**out, "pids": y, "camids": torch.arange(16) % 2}
     q = {k: v[0::4] for k, v in feats.items()}  # one query per id, camera 0
     g = {k: torch.cat([v[1::4], v[3::4]]) for k, v in feats.items()}  # camera 1 gallery images
-    metrics = extract.evaluate_features(q, g, model=m, max_rank=8)
+    metrics = extract.evaluate_features(q, g, distance=lambda qq, gg: SPEC.retrieval_distance(m, qq, gg), max_rank=8)
     ref = evaluate_rank(
         MaskedCosineDistance(q["feat"], q["mask"], g["feat"])(0, 4).numpy(),
         q["pids"].numpy(), g["pids"].numpy(), q["camids"].numpy(), g["camids"].numpy(), max_rank=8,
@@ -398,16 +402,13 @@ def test_evaluate_features_uses_the_query_mask_distance():
 def test_fp16_grad_scaler_and_clipping_keep_parameters_finite(mode):
     """fp16 autocast on CPU with a GradScaler (whose first scales overflow, so steps are
     skipped) and gradient clipping: a skipped step never writes NaN into either parameter set."""
-    m = _model().train()
+    m = _model(update_mode=mode).train()
     x, y, c = _batch()
     opt = torch.optim.SGD(m.main_parameters(), lr=0.01)
     hopt = torch.optim.SGD(m.hmg_parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     for _ in range(3):
-        dpm_train_step(
-            m, x, y, c, optimizer=opt, hmg_optimizer=hopt, mode=mode, scaler=scaler, grad_clip=5.0,
-            autocast=lambda: torch.autocast("cpu", dtype=torch.float16),
-        )
+        _step(m, x, y, c, [opt, hopt], scaler=scaler, grad_clip=5.0, device=torch.device("cpu"), amp=torch.float16)
         bad = [n for n, t in m.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
         assert not bad
     assert scaler.get_scale() < 2.0**24  # overflowing steps were detected and skipped
@@ -432,19 +433,18 @@ def test_without_masked_branch_is_the_baseline_loss_and_plain_retrieval():
     assert set(losses) == {"id", "triplet"}
     torch.testing.assert_close(losses["id"], F.cross_entropy(out["logits"], y))  # full weight, not alpha
     torch.testing.assert_close(losses["triplet"], TripletLoss(None)(out["global_feat"], y))
-    opts, scheds = m.configure_optimizers(_SOLVER, list(m.named_parameters()))
-    assert len(opts) == 1 and len(scheds) == 1
+    opts, scheds = build_method_optimizers(SPEC, m, _SOLVER)
+    assert len(opts) == 1 and len(scheds) == 1 and SPEC.passes(m) == ((0,),)
     before = copy.deepcopy(m.state_dict())
-    stats = dpm_train_step(m, x, y, c, optimizer=opts[0], hmg_optimizer=None, mode="single_pass")
+    stats = _step(m, x, y, c, opts)
     assert set(stats) >= {"id", "triplet", "loss", "acc"}
     assert not torch.equal(before["classifier.weight"], m.state_dict()["classifier.weight"])
-    with pytest.raises(ValueError, match="single_pass"):
-        dpm_train_step(m, x, y, c, optimizer=opts[0], hmg_optimizer=None, mode="two_pass")
     m.eval()
     q = m(x, c)
-    assert set(q) == {"feat"} and m.retrieval_distance(q, q) is None
+    assert set(q) == {"feat"} and SPEC.retrieval_distance(m, q, q) is None
+    assert SPEC.retrieval(m) == {"distance": "cosine"}
     qn = F.normalize(q["feat"], dim=1)
-    d = query_gallery_distance(q, q, model=m, metric="cosine")
+    d = query_gallery_distance(q, q, distance=lambda qq, gg: SPEC.retrieval_distance(m, qq, gg), metric="cosine")
     torch.testing.assert_close(torch.as_tensor(d), 1 - qn @ qn.t(), atol=1e-5, rtol=0)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from occreid.data.npo import official_stripe_rule, stripe_mask, stripe_means
 from occreid.losses.fed_losses import FED_LOSS_WEIGHTS, fed_losses, memory_contrastive_loss
-from occreid.models.fed import (
+from occreid.methods.fed.model import (
     FDM,
     OEM,
     FDMCrossAttention,
@@ -19,7 +19,7 @@ from occreid.models.fed import (
     memory_search,
     part_pool,
 )
-from occreid.models.memory import IdentityMemory, mean_momentum_update, sequential_momentum_update
+from occreid.methods.fed.memory import IdentityMemory, mean_momentum_update, sequential_momentum_update
 from occreid.utils import OccReIDError
 
 

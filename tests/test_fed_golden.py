@@ -16,9 +16,9 @@ from torch import nn
 
 from occreid.data.npo import official_stripe_rule, stripe_mask, stripe_means
 from occreid.losses.fed_losses import memory_contrastive_loss
-from occreid.models.fed import FDM, FED, OEM, convert_official_state_dict, memory_search
+from occreid.methods.fed.model import FDM, FED, OEM, convert_official_state_dict, memory_search
 from occreid.models.heads import BNNeck
-from occreid.models.memory import IdentityMemory
+from occreid.methods.fed.memory import IdentityMemory
 
 DATA = Path(__file__).parent / "data"
 

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from occreid.models.memory import IdentityMemory, all_gather_variable
+from occreid.methods.fed.memory import IdentityMemory
+from occreid.utils.distributed import all_gather_cat
 
 C, FD = 5, 6
 
@@ -48,7 +49,7 @@ def _run_rule(rank: int, out_dir: str, rule: str) -> None:
     torch.save(mem.features.clone(), os.path.join(out_dir, f"init{rank}.pt"))
     share = slice(0, 5) if rank == 0 else slice(5, None)  # uneven batch shares
     mem.update(x[share], pids[share])
-    gathered = all_gather_variable(pids[share])
+    gathered = all_gather_cat(pids[share])
     torch.save({"bank": mem.features.clone(), "gathered": gathered}, os.path.join(out_dir, f"upd{rank}.pt"))
 
 

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from occreid.models import build_model
-from occreid.models.fed import FED
-from occreid.models.memory import sequential_momentum_update
+from occreid.engine.step import TrainStep
+from occreid.methods import build_model, get_method
+from occreid.methods.fed.model import FED
+from occreid.methods.fed.memory import sequential_momentum_update
 from occreid.utils import OccReIDError
 
 H, W, C = 32, 16, 6
@@ -79,10 +80,12 @@ def test_errors_for_bad_inputs():
     model.eval()
     with pytest.raises(OccReIDError, match="RGB images"):
         model(batch7())
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(OccReIDError, match="unknown option.*num_partz.*num_parts"):
         tiny(num_partz=3)
-    with pytest.raises(ValueError, match="attn_scale"):
+    with pytest.raises(OccReIDError, match="attn_scale"):
         tiny(attn_scale="sqrt")
+    with pytest.raises(OccReIDError, match="num_neighbours.*expected int"):
+        tiny(num_neighbours="eight")
 
 
 def test_test_time_feature_independent_of_fdm_and_memory():
@@ -91,7 +94,7 @@ def test_test_time_feature_independent_of_fdm_and_memory():
     model.eval()
     imgs = torch.randn(3, 3, H, W)
     with torch.no_grad():
-        feat = model(imgs)
+        feat = model(imgs)["feat"]
         # plain composition: tokens -> row parts -> OEM -> eval BN
         tokens = model.backbone(imgs)
         parts = tokens[:, 1:].reshape(3, 4, 2, 32).mean(2)  # grid 4x2: 1 row (2 tokens) per part
@@ -103,12 +106,12 @@ def test_test_time_feature_independent_of_fdm_and_memory():
         for p in other.fdm.parameters():
             p.normal_()
         other.classifier_fdm.weight.normal_()
-        assert torch.equal(other(imgs), feat)
+        assert torch.equal(other(imgs)["feat"], feat)
         ff = model.forward_features(imgs, with_fdm=True)
         assert ff["fdm_feat"].shape == (3, 128) and ff["part_scores"].shape == (3, 4)
         assert torch.equal(ff["feat"], feat)
         assert torch.equal(model.occlusion_scores(imgs), ff["part_scores"])
-        assert model(imgs[:1]).shape == (1, 128)  # batch of one
+        assert model(imgs[:1])["feat"].shape == (1, 128)  # batch of one
 
 
 def test_update_memory_official_order_and_paper_banks():
@@ -175,7 +178,7 @@ def test_switches_and_part_counts(kw):
     sum(model.loss(out, pids).values()).backward()
     model.update_memory(out, pids)
     model.eval()
-    assert model(torch.randn(2, 3, H, W)).shape == (2, 32 * P)
+    assert model(torch.randn(2, 3, H, W))["feat"].shape == (2, 32 * P)
 
 
 def test_global_token_choice():
@@ -201,31 +204,30 @@ def test_warns_when_memory_not_updated(caplog):
     assert "update_memory" in caplog.text
 
 
-def test_trainer_hooks_with_a_stub_trainer():
-    """training_step / on_train_start against the trainer's hook interface (stubbed here)."""
-    import contextlib
-    import types
-
+def test_engine_step_runs_fed_forward_loss_step_and_memory_update():
+    """The engine's one TrainStep with FED's spec: pids reach the forward, the weighted losses
+    are summed, the optimiser steps, the memory is updated; on_train_start skips an
+    initialised bank."""
     model = initialised(tiny())
+    spec = get_method("fed")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-
-    def backward_step(loss, optimizer, params=None):
-        loss.backward()
-        optimizer.step()
-
-    trainer = types.SimpleNamespace(
-        model=model, optimizers=[opt], autocast=contextlib.nullcontext, backward_step=backward_step
-    )
+    step = TrainStep(spec, model, [opt])
     before = model.memory.features.clone()
     w = model.oem.heads[0][0].weight.clone()
     pids = torch.tensor([0, 0, 1, 1])
-    stats = model.training_step(trainer, {"images": batch7(), "pids": pids, "camids": torch.zeros(4, dtype=torch.long)})
+    stats = step({"images": batch7(), "pids": pids, "camids": torch.zeros(4, dtype=torch.long)})
     assert set(stats) >= {"loss", "mse_occ", "mc_fdm_clean"}
     assert abs(stats["loss"] - sum(v for k, v in stats.items() if k != "loss")) < 1e-4
     assert not torch.equal(model.oem.heads[0][0].weight, w)  # stepped
     assert not torch.equal(model.memory.features[:2], before[:2])  # memory updated
     assert torch.equal(model.memory.features[2:], before[2:])
-    model.on_train_start(trainer)  # already initialised: no pass, nothing to build
+
+    def no_loader():
+        raise AssertionError("an initialised memory must not be rebuilt")
+
+    spec.on_train_start(model, no_loader, torch.device("cpu"))
+    with pytest.raises(OccReIDError, match="accum_steps"):
+        TrainStep(spec, model, [opt], accum_steps=2)
 
 
 # ----------------------------------------------------------------------------- ablation switches

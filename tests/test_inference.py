@@ -85,7 +85,7 @@ def test_paths_pil_rgb_and_bgr_arrays_agree_with_reference(ckpts, tmp_path):
     f_bgr = ex([a[:, :, ::-1].copy() for a in arrays], color="BGR")
     f_stack = ex(np.stack(arrays))
     _, _, ref = _reference(ckpts["baseline"], arrays)
-    ref = F.normalize(ref, dim=1)
+    ref = F.normalize(ref["feat"], dim=1)
     assert f_paths.shape == (5, ex.feature_dim) == (5, 32)
     assert torch.allclose(f_paths.norm(dim=1), torch.ones(5), atol=1e-6)
     for f in (f_paths, f_pil, f_rgb, f_bgr, f_stack):
@@ -116,8 +116,9 @@ def test_dpm_masks_and_fed_scores(ckpts):
     model, x, ref = _reference(ckpts["fed"], arrays)
     assert set(out) == {"feat", "part_scores"}
     assert out["feat"].shape == (3, 4 * 32) and out["part_scores"].shape == (3, 4)
-    assert torch.allclose(out["feat"], F.normalize(ref, dim=1), atol=1e-6)
+    assert torch.allclose(out["feat"], F.normalize(ref["feat"], dim=1), atol=1e-6)
     assert torch.allclose(out["part_scores"], model.occlusion_scores(x), atol=1e-6)
+    assert set(ref) == {"feat", "part_scores", "global"}  # the model's eval mapping; "global" is not exported
     assert ex.retrieval == {"distance": "cosine"}
 
 
@@ -129,11 +130,13 @@ def test_sie_model_needs_camera_ids(tmp_path):
     assert ex.uses_cameras
     with pytest.raises(OccReIDError, match="camera ids are required"):
         ex(arrays)
-    a = ex(arrays, cam_ids=[0, 2])
-    b = ex(arrays, cam_ids=[1, 1])
+    a = ex(arrays, camids=[0, 2])
+    b = ex(arrays, camids=[1, 1])
     assert a.shape == (2, 32) and not torch.allclose(a, b)
     with pytest.raises(OccReIDError, match="one camera id per image"):
-        ex(arrays, cam_ids=[0])
+        ex(arrays, camids=[0])
+    with pytest.warns(DeprecationWarning, match="camids"):  # the former spelling still works
+        assert torch.equal(ex(arrays, cam_ids=[0, 2]), a)
 
 
 def test_bad_inputs_get_clear_errors(ckpts, tmp_path):

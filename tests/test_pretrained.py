@@ -13,10 +13,10 @@ from occreid.models import (
     ViTBackbone,
     backbone_state_from_reid_checkpoint,
     build_backbone,
-    build_model,
     load_pretrained,
     resize_pos_embed,
 )
+from occreid.methods import build_model
 from occreid.utils import OccReIDError
 
 D = 16  # small width: every test here is fast
@@ -177,7 +177,7 @@ def test_ddp_prefix_and_2d_patch_weight(tmp_path):
 
 
 def test_safetensors_file(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors
     sd = jx_state(seed=5)
     path = tmp_path / "model.safetensors"
     safetensors.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
@@ -263,7 +263,7 @@ def test_trained_reid_checkpoint_is_recognised(tmp_path):
     x, c = torch.randn(2, 3, 32, 16), torch.tensor([0, 2])
     model.eval(), fresh.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fresh(x, c), model.base(x, c), rtol=0, atol=0)
+        torch.testing.assert_close(fresh(x, c), model.backbone(x, c), rtol=0, atol=0)
     with pytest.raises(OccReIDError, match="not a trained"):
         backbone_state_from_reid_checkpoint(jx_state())
 

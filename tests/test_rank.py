@@ -13,7 +13,7 @@ from occreid.evaluation import EvaluationInputError, RankResult, evaluate_rank
 from occreid.evaluation import rank as rank_mod
 from occreid.utils import OccReIDError
 
-GOLDEN = Path("/work/shared/golden/dpm_retrieval.pt")
+GOLDEN = Path(__file__).parent / "data" / "dpm_retrieval.pt"  # official DPM code (shared golden vectors)
 
 
 # ------------------------------------------------------------------------------------------
@@ -144,10 +144,21 @@ def test_stable_tie_resolution_in_small_pieces(monkeypatch):
     assert_matches_reference(pieces, reference_eval(dist, qp, gp, qc, gc, max_rank=10))
 
 
-@pytest.mark.parametrize("dense_fraction", [0, 10**9])  # always per-entry / always dense
-def test_search_paths_agree(monkeypatch, dense_fraction):
-    """Relevant entries are searched either per entry or in one dense pass: same results."""
-    monkeypatch.setattr(rank_mod, "_DENSE_FRACTION", dense_fraction)
+PATHS = ["sparse", "dense", "torch", None]  # None: chosen per block
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: p or "auto")
+def path(request, monkeypatch):
+    """Force one evaluator path (numpy sparse / numpy dense / torch kernel / per block)."""
+    monkeypatch.setattr(rank_mod, "_FORCE_PATH", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("torch_dense_fraction", [0, 10**9])  # per entry / dense search
+def test_torch_search_variants_agree(monkeypatch, torch_dense_fraction):
+    """The torch kernel searches relevant entries per entry or in one dense pass."""
+    monkeypatch.setattr(rank_mod, "_FORCE_PATH", "torch")
+    monkeypatch.setattr(rank_mod, "_TORCH_DENSE_FRACTION", torch_dense_fraction)
     for seed, rounding in ((16, None), (17, 4)):
         dist, qp, gp, qc, gc = random_problem(seed, nq=20, ng=80, n_ids=6)
         if rounding:
@@ -157,6 +168,171 @@ def test_search_paths_agree(monkeypatch, dense_fraction):
                                 return_per_query=True)
             assert_matches_reference(res, reference_eval(dist, qp, gp, qc, gc, max_rank=15,
                                                          tie_break=tie))
+
+
+def quality_problem(seed, noise, nq=40, ng=300, n_ids=25, n_cams=5, dim=16):
+    """A small version of bench/eval_speed.py's sweep: noisy identity centres (noise sets
+    the model quality) with camera offsets; some query ids are not in the gallery."""
+    rng = np.random.default_rng(seed)
+    g_pids = np.concatenate([np.arange(n_ids), rng.integers(0, n_ids, ng - n_ids)])
+    g_cams = rng.integers(0, n_cams, ng)
+    q_pids = rng.integers(0, n_ids + 2, nq)
+    q_cams = rng.integers(0, n_cams, nq)
+    centers = rng.normal(size=(n_ids + 2, dim))
+    shift = 0.5 * rng.normal(size=(n_cams, dim))
+    qf = centers[q_pids] + shift[q_cams] + noise * rng.normal(size=(nq, dim))
+    gf = centers[g_pids] + shift[g_cams] + noise * rng.normal(size=(ng, dim))
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    return (1 - qf @ gf.T).astype(np.float32), q_pids, g_pids, q_cams, g_cams
+
+
+@pytest.mark.parametrize("point", [0.1, 0.6, 1.0, 1.5, 3.0, "random"])
+def test_every_path_matches_reference_over_the_quality_sweep(path, point):
+    dist, qp, gp, qc, gc = quality_problem(20, 1.0 if point == "random" else point)
+    if point == "random":
+        dist = np.random.default_rng(21).random(dist.shape, dtype=np.float32)
+    for ap_mode in ("noninterp", "trapezoid"):
+        res = evaluate_rank(dist, qp, gp, qc, gc, max_rank=30, chunk_size=16,
+                            ap_mode=ap_mode, return_per_query=True)
+        ref = reference_eval(dist, qp, gp, qc, gc, max_rank=30, ap_mode=ap_mode)
+        assert res["num_skipped_queries"] > 0
+        assert_matches_reference(res, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32])
+def test_every_path_heavy_ties_both_rules(path, dtype):
+    dist, qp, gp, qc, gc = random_problem(22, nq=25, ng=90, n_ids=6)
+    dist = np.round(dist / dist.max() * 5).astype(dtype)  # 6 distinct values
+    for tie in ("stable", "pessimistic"):
+        res = evaluate_rank(dist, qp, gp, qc, gc, max_rank=15, tie_break=tie,
+                            chunk_size=6, return_per_query=True)
+        assert_matches_reference(res, reference_eval(dist, qp, gp, qc, gc, max_rank=15,
+                                                     tie_break=tie))
+
+
+def test_every_path_all_distances_equal(path):
+    """A constant model: every entry tied with every true match."""
+    _, qp, gp, qc, gc = random_problem(23, nq=12, ng=40, n_ids=4)
+    dist = np.ones((12, 40), dtype=np.float32)
+    for tie in ("stable", "pessimistic"):
+        res = evaluate_rank(dist, qp, gp, qc, gc, max_rank=40, tie_break=tie,
+                            return_per_query=True)
+        assert_matches_reference(res, reference_eval(dist, qp, gp, qc, gc, max_rank=40,
+                                                     tie_break=tie))
+
+
+def test_every_path_signed_zeros_negative_and_infinite_distances(path):
+    """-0.0 equals +0.0 (a tie, kept in gallery order), negative distances (e.g. negated
+    similarities) and ±inf rank like any value."""
+    dist, qp, gp, qc, gc = random_problem(24, nq=20, ng=60, n_ids=5)
+    dist = (np.round(dist / dist.max() * 8) - 4).astype(np.float32)  # -4..4, ties at 0
+    zero = dist == 0
+    dist[zero & (np.arange(60) % 2 == 0)] = -0.0
+    assert np.signbit(dist[zero]).any() and (~np.signbit(dist[zero])).any()
+    dist[:, ::7] = np.inf
+    dist[:, 3::11] = -np.inf
+    for tie in ("stable", "pessimistic"):
+        res = evaluate_rank(dist, qp, gp, qc, gc, max_rank=20, tie_break=tie,
+                            return_per_query=True)
+        assert_matches_reference(res, reference_eval(dist, qp, gp, qc, gc, max_rank=20,
+                                                     tie_break=tie))
+
+
+@pytest.mark.parametrize("max_rank", [1, 3, 50])
+def test_every_path_short_gallery_and_small_max_rank(path, max_rank):
+    dist, qp, gp, qc, gc = random_problem(25, nq=15, ng=9, n_ids=3)
+    res = evaluate_rank(dist.astype(np.float32), qp, gp, qc, gc, max_rank=max_rank,
+                        return_per_query=True)
+    ref = reference_eval(dist.astype(np.float32), qp, gp, qc, gc, max_rank=max_rank)
+    assert res.cmc.shape == (max_rank,)
+    assert_matches_reference(res, ref)
+    one = evaluate_rank(dist[:, :1], qp, gp[:1], qc, gc[:1], max_rank=max_rank,
+                        cross_camera=False, return_per_query=True)  # one gallery item
+    assert_matches_reference(one, reference_eval(dist[:, :1], qp, gp[:1], qc, gc[:1],
+                                                 max_rank=max_rank, cross_camera=False))
+
+
+def test_every_path_skipped_queries_and_skipped_blocks(path):
+    """Blocks where no query has a same-pid item, or only junk, next to normal blocks."""
+    dist, qp, gp, qc, gc = random_problem(26, nq=24, ng=70, n_ids=6)
+    qp = qp.copy()
+    qp[:8] = 99  # block 0: identity absent from the gallery
+    qp[8:16] = gp[0]
+    qc = qc.copy()
+    qc[8:16] = gc[0]
+    gp = gp.copy()
+    gp[gp == gp[0]] = gp[0]
+    gc = np.where(gp == gp[0], gc[0], gc)  # block 1: only junk (same pid, same camera)
+    res = evaluate_rank(dist, qp, gp, qc, gc, max_rank=10, chunk_size=8,
+                        return_per_query=True)
+    assert not res.valid_mask[:16].any() and res.num_skipped_queries >= 16
+    assert_matches_reference(res, reference_eval(dist, qp, gp, qc, gc, max_rank=10))
+
+
+def test_every_path_cross_camera_off_and_many_matches(path):
+    """cross_camera=False, and a distractor identity with most of the gallery."""
+    dist, qp, gp, qc, gc = random_problem(27, nq=20, ng=120, n_ids=5)
+    gp = gp.copy()
+    gp[:80] = 0
+    qp = qp.copy()
+    qp[::3] = 0
+    for cross in (True, False):
+        res = evaluate_rank(dist.astype(np.float32), qp, gp, qc, gc, max_rank=20,
+                            cross_camera=cross, chunk_size=7, return_per_query=True)
+        assert_matches_reference(res, reference_eval(dist.astype(np.float32), qp, gp, qc,
+                                                     gc, max_rank=20, cross_camera=cross))
+
+
+def test_every_path_tie_resolution_in_small_pieces(path, monkeypatch):
+    dist, qp, gp, qc, gc = random_problem(28, nq=20, ng=70, n_ids=5)
+    dist = np.round(dist / dist.max() * 3).astype(np.float32)
+    full = evaluate_rank(dist, qp, gp, qc, gc, max_rank=10, return_per_query=True)
+    monkeypatch.setattr(rank_mod, "_PIECE", 5)
+    pieces = evaluate_rank(dist, qp, gp, qc, gc, max_rank=10, return_per_query=True)
+    np.testing.assert_array_equal(full["first_match_rank"], pieces["first_match_rank"])
+    np.testing.assert_array_equal(full["ap"], pieces["ap"])
+    assert_matches_reference(pieces, reference_eval(dist, qp, gp, qc, gc, max_rank=10))
+
+
+def test_every_path_nan_names_the_query(path):
+    dist, qp, gp, qc, gc = random_problem(29)
+    bad = dist.astype(np.float32)
+    bad[13, 5] = np.nan
+    with pytest.raises(EvaluationInputError, match="query 13"):
+        evaluate_rank(bad, qp, gp, qc, gc, chunk_size=4)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_thread_count_does_not_change_results(num_threads):
+    dist, qp, gp, qc, gc = quality_problem(30, 1.0, nq=70)
+    base = evaluate_rank(dist, qp, gp, qc, gc, chunk_size=8, num_threads=1,
+                         return_per_query=True)
+    res = evaluate_rank(dist, qp, gp, qc, gc, chunk_size=8, num_threads=num_threads,
+                        return_per_query=True)
+    for key in ("cmc", "ap", "inp", "first_match_rank", "valid_mask"):
+        np.testing.assert_array_equal(res[key], base[key])
+    calls = []  # a block function is still called once per block, in order
+
+    def block(start, stop):
+        calls.append(start)
+        return dist[start:stop]
+
+    lazy = evaluate_rank(block, qp, gp, qc, gc, chunk_size=8, num_threads=num_threads,
+                         return_per_query=True)
+    assert calls == list(range(0, 70, 8))
+    np.testing.assert_array_equal(lazy["ap"], base["ap"])
+
+
+def test_cpu_path_is_chosen_per_block(caplog):
+    """A good model takes the sparse path, uniform random distances the dense one."""
+    dist, qp, gp, qc, gc = quality_problem(31, 0.1, nq=64, ng=600, n_ids=60)
+    rnd = np.random.default_rng(0).random(dist.shape, dtype=np.float32)
+    with caplog.at_level("DEBUG", logger="occreid.evaluation.rank"):
+        evaluate_rank(dist, qp, gp, qc, gc, chunk_size=32)
+        evaluate_rank(rnd, qp, gp, qc, gc, chunk_size=32)
+    good, bad = [r.getMessage() for r in caplog.records if "paths" in r.getMessage()]
+    assert "{'sparse': 2}" in good and "{'dense': 2}" in bad
 
 
 def test_integer_and_infinite_distances():
@@ -437,7 +613,6 @@ def test_result_is_a_mapping_with_per_query_fields():
     assert short.rank10 == r.rank10 and short.cmc.shape == (3,)
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="golden vectors not available")
 def test_official_dpm_retrieval_golden_metrics():
     """CMC/mAP of the official eval_func on its own distance matrix (dpm_retrieval.pt)."""
     g = torch.load(GOLDEN, weights_only=True)

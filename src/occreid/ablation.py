@@ -16,7 +16,7 @@ independent processes, so ``--jobs 2`` runs two at a time (each with
 
 DPM rows are evaluated twice: with the official test (pre-BNNeck feature, each query's mask
 applied to the gallery) during training, and afterwards with the same query-mask distance on
-the post-BNNeck feature (``model.kwargs.neck_feat=after``), see docs/results.md.
+the post-BNNeck feature (``model.neck_feat=after``), see docs/results.md.
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from .config import load_config
+from .configs import config_path
+from .engine.build import build_datasets, method_spec, model_from_checkpoint
+from .engine.checkpoint import load_checkpoint
+from .engine.trainer import evaluate_model
 from .utils import OccReIDError, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -187,8 +194,6 @@ def run_dir(output: Path, row: Row, seed: int) -> Path:
 
 
 def train_command(row: Row, seed: int, folder: Path, data_root: Optional[str], extra: Sequence[str]) -> List[str]:
-    from .configs import config_path
-
     cmd = [sys.executable, "-m", "occreid.cli", "train", "--config", str(config_path(row.config)),
            "--output", str(folder), "--device", "cpu"]
     if data_root:
@@ -200,19 +205,13 @@ def train_command(row: Row, seed: int, folder: Path, data_root: Optional[str], e
 
 def _post_bn_metrics(folder: Path) -> Dict[str, Any]:
     """Re-evaluate a finished DPM run with the query-mask distance on the post-BNNeck feature."""
-    import torch
-
-    from .engine.build import build_datasets, model_from_checkpoint
-    from .engine.checkpoint import load_checkpoint
-    from .engine.trainer import evaluate_model
-
     ckpt = load_checkpoint(folder / "model_final.pth")
-    model = model_from_checkpoint(ckpt)
-    if getattr(model, "hmg", None) is None:
-        raise OccReIDError(f"{folder}: not a DPM checkpoint with a masked branch")
-    model.neck_feat = "after"
-    _, test_ds = build_datasets(ckpt["config"])
-    return evaluate_model(model, ckpt["config"], test_ds, torch.device("cpu"), None)
+    cfg = load_config(None, ["model.neck_feat=after"], base=ckpt["config"])
+    model = model_from_checkpoint(ckpt, cfg=cfg)
+    if method_spec(cfg).retrieval(model)["distance"] == "cosine":
+        raise OccReIDError(f"{folder}: not a checkpoint with a query-mask distance (DPM with its masked branch)")
+    _, test_ds = build_datasets(cfg)
+    return evaluate_model(model, cfg, test_ds, torch.device("cpu"), None)
 
 
 def run_table(
@@ -240,10 +239,6 @@ def run_table(
             print(" ".join(train_command(row, seed, run_dir(output, row, seed), data_root, extra_overrides)))
         return {}
     if pending:  # generate SynthOcc once here, not in two runs at the same time
-        from .config import load_config
-        from .configs import config_path
-        from .engine.build import build_datasets
-
         row = pending[0][0]
         ov = list(row.overrides) + list(extra_overrides) + ([f"data.root={data_root}"] if data_root else [])
         build_datasets(load_config(config_path(row.config), ov))

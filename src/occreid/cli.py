@@ -1,8 +1,8 @@
 """The ``occreid`` command.
 
     occreid demo                       # SynthOcc + tiny ViT baseline on the CPU, metrics and pictures
-    occreid train --config configs/occluded_duke/vit_base.yaml --data-root DATA [key=value ...]
-    occreid test  --config CFG --weights OUTPUT/model_final.pth [--data-root DATA]
+    occreid train --config configs/occluded_duke/vit_base.yaml --data-root DATA [--resume|--overwrite] [key=value ...]
+    occreid test  --config CFG --weights OUTPUT/model_final.pth [--data-root DATA] [--generate-data]
     occreid synth --out DIR [--preset demo] [--seed 0] [--preview grid.png]
     occreid index --weights CKPT --images DIR --out INDEX [--faiss flat|ivf|ivfpq|hnsw]
     occreid search --index INDEX --query IMG [IMG ...] [--topk 10]
@@ -20,7 +20,23 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .utils.io import OccReIDError
+from .ablation import format_markdown, run_table
+from .config import load_config
+from .data.synthetic import generate_synthocc, save_preview_grid, synthocc_generation
+from .demo import print_metrics, run_demo
+from .engine.build import build_datasets, model_from_checkpoint, resolve_amp, resolve_device
+from .engine.curves import plot_training_log
+from .engine.rundir import prepare_run_dir
+from .engine.trainer import Trainer, evaluate_model
+from .evaluation.extract import evaluate_features, split_query_gallery
+from .export import check_onnx, export_onnx, export_safetensors, load_export
+from .inference import FeatureExtractor, load_model_source
+from .retrieval import FaissSearcher, GalleryIndex, list_gallery_images
+from .retrieval.faiss_backend import require_faiss
+from .utils.io import OccReIDError, atomic_write_text, require_module
+from .viz.occlusion import draw_mask_statistics, draw_occlusion_scores, mask_statistics
+from .viz.ranklist import draw_ranked_lists, pick_queries, top_matches
+from .viz.report import write_report
 
 logger = logging.getLogger("occreid")
 
@@ -34,8 +50,6 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _cfg_from_args(args, extra_overrides: Optional[List[str]] = None):
-    from .config import load_config
-
     overrides = list(extra_overrides or [])
     if getattr(args, "data_root", None):
         overrides.append(f"data.root={args.data_root}")
@@ -48,9 +62,11 @@ def _cfg_from_args(args, extra_overrides: Optional[List[str]] = None):
 
 
 def cmd_train(args) -> int:
-    from .engine.trainer import Trainer
-
     cfg = _cfg_from_args(args)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the main process looks (and moves)
+        aside = prepare_run_dir(cfg["output_dir"], resume=args.resume, overwrite=args.overwrite)
+        if aside is not None:
+            print(f"the previous run in {cfg['output_dir']} was moved to {aside}")
     trainer = Trainer(cfg, resume=args.resume)
     metrics = trainer.train()
     if metrics:
@@ -60,18 +76,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_test(args) -> int:
-    import torch
-
-    from .config import load_config
-    from .engine.build import build_datasets, model_from_checkpoint, resolve_amp, resolve_device
-    from .engine.checkpoint import load_checkpoint
-    from .engine.trainer import evaluate_model
-    from .utils.io import atomic_write_text
-
-    ckpt = load_checkpoint(args.weights)
-    if args.config:
-        cfg = _cfg_from_args(args)
-    else:  # the checkpoint's own config, with command-line overrides
+    cfg = _cfg_from_args(args) if args.config else None
+    # an occreid checkpoint, or an official one (which --config describes)
+    ckpt = load_model_source(args.weights, config=cfg, memory=args.memory)
+    if cfg is None:  # the checkpoint's own config, with command-line overrides
         ov = [f"{k}={v}" for k, v in (("data.root", args.data_root), ("output_dir", args.output),
                                         ("device", args.device)) if v]
         cfg = load_config(None, ov + list(args.overrides or []), base=ckpt["config"])
@@ -85,10 +93,11 @@ def cmd_test(args) -> int:
             )
     device = resolve_device(cfg["device"])
     amp = resolve_amp(cfg["solver"]["amp"], device)
-    model = model_from_checkpoint(ckpt, device)
-    _, test_ds = build_datasets(cfg)
+    model = model_from_checkpoint(ckpt, device, cfg)
+    with synthocc_generation(args.generate_data):  # evaluating generates SynthOcc only when asked
+        _, test_ds = build_datasets(cfg)
     metrics = evaluate_model(model, cfg, test_ds, device, amp)
-    metrics.update(dataset=test_ds.name, method=meta["method"], epoch=int(ckpt["epoch"]), checkpoint=str(args.weights))
+    metrics.update(dataset=test_ds.name, method=meta["method"], epoch=ckpt.get("epoch"), checkpoint=str(args.weights))
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
@@ -98,18 +107,10 @@ def cmd_test(args) -> int:
 
 
 def _print_metrics(m) -> None:
-    print(
-        f"{m.get('dataset', '')} {m.get('method', '')}: mAP {m['mAP']:.1%}  R1 {m['rank1']:.1%}  "
-        f"R5 {m['rank5']:.1%}  R10 {m['rank10']:.1%}  mINP {m['mINP']:.1%}  "
-        f"({m['num_valid_queries']} queries, {m['num_skipped_queries']} skipped)"
-    )
-    for g, v in (m.get("by_occlusion") or {}).items():
-        print(f"  {g:>9}: mAP {v['mAP']:.1%}  R1 {v['rank1']:.1%}  ({v['num_queries']} queries)")
+    print_metrics(m)
 
 
 def cmd_synth(args) -> int:
-    from .data.synthetic import generate_synthocc, save_preview_grid
-
     out = generate_synthocc(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
     print(f"SynthOcc ({args.preset}, seed {args.seed}) in {out}")
     if args.preview:
@@ -119,8 +120,9 @@ def cmd_synth(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
+    aside = prepare_run_dir(args.output, overwrite=args.overwrite, command="demo")
+    if aside is not None:
+        print(f"the previous demo run in {args.output} was moved to {aside}")
     run_demo(
         output=args.output,
         data_root=args.data_root,
@@ -134,70 +136,155 @@ def cmd_demo(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablation import run_table
-
     result = run_table(
         args.table, args.output, args.seeds, jobs=args.jobs, threads=args.threads,
         data_root=args.data_root, extra_overrides=args.overrides, dry_run=args.dry_run,
     )
     if result:
-        from .ablation import format_markdown
-
         print(format_markdown(result))
         print(f"results in {Path(args.output) / args.table}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="occreid", description="Occluded person re-identification.")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """``occreid`` parsers: config overrides (positionals) may stand anywhere among the options
+    (argparse's intermixed parsing), and a usage error is one ``occreid: error: ...`` line."""
 
-    t = sub.add_parser("train", help="train a model from a YAML config")
-    t.add_argument("--config", required=True, help="YAML config (configs/...)")
-    t.add_argument("--data-root", help="folder holding the datasets (overrides data.root)")
-    t.add_argument("--output", help="output folder (overrides output_dir)")
-    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
-    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
-    t.add_argument("overrides", nargs="*", help="config overrides, e.g. solver.max_epochs=10")
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        intermixable = not any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions())
+        if self._parsing or not intermixable:
+            return super().parse_known_args(args, namespace)
+        self._parsing = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+    def error(self, message):
+        where = "" if self.prog == "occreid" else f"{self.prog}: "
+        self.exit(2, f"occreid: error: {where}{message} (see `{self.prog} --help`)\n")
+
+
+def _whole_number(minimum: int):
+    """An argparse type: a whole number >= ``minimum``, with a one-line error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {v}")
+        return v
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+_positive_int = _whole_number(1)
+_count = _whole_number(0)
+
+
+def _display_path(path: str) -> str:
+    """A gallery path as printed: relative to the working folder when it lies inside it."""
+    if os.path.isabs(path):
+        try:
+            rel = os.path.relpath(path)
+        except ValueError:  # another drive
+            return path
+        if not rel.startswith(os.pardir):
+            return rel
+    return path
+
+
+def _check_out_file(path: str, option: str) -> None:
+    """An output file path that is an existing folder fails before any work."""
+    if Path(path).is_dir():
+        raise OccReIDError(f"{option} {path} is a folder; pass the path of the file to write")
+
+
+_MEMORY_HELP = ("official FED checkpoints only: the memory file saved beside it (default: transformermemory_EPOCH.pth "
+                "next to --weights transformer_EPOCH.pth, if present)")
+_OVERRIDES_HELP = "config overrides key=value, anywhere on the command line (e.g. solver.max_epochs=10)"
+_DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: auto = CUDA when available, else the CPU)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="occreid", description="Occluded person re-identification.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too (default: info and above)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a model from a YAML config. A folder that holds a run is never "
+                                   "overwritten: continue it (--resume), train elsewhere (--output) or move it "
+                                   "aside (--overwrite).")
+    t.add_argument("--config", required=True, help="YAML config: a file, or a shipped one (synthocc/baseline_demo.yaml)")
+    t.add_argument("--data-root", help="folder holding the datasets (default: data.root of the config)")
+    t.add_argument("--output", help="output folder (default: output_dir of the config)")
+    t.add_argument("--device", help=_DEVICE_HELP)
+    t.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last.pth")
+    t.add_argument("--overwrite", action="store_true",
+                   help="move a run already in the output folder aside to <folder>.old-<n> (nothing is deleted) "
+                        "and start afresh")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("test", help="evaluate a trained checkpoint")
+    e = sub.add_parser("test", help="evaluate a trained checkpoint",
+                       description="Evaluate a trained checkpoint on its test set; writes OUTPUT/metrics.json.")
     e.add_argument("--config", help="YAML config (default: the checkpoint's own)")
-    e.add_argument("--weights", required=True, help="checkpoint written by occreid train")
-    e.add_argument("--data-root")
-    e.add_argument("--output")
-    e.add_argument("--device")
-    e.add_argument("overrides", nargs="*")
+    e.add_argument("--weights", required=True, help="checkpoint written by occreid train (model_final.pth), or an "
+                   "official TransReID/FED/DPM checkpoint with the --config of its architecture")
+    e.add_argument("--memory", help=_MEMORY_HELP)
+    e.add_argument("--data-root", help="folder holding the dataset (default: data.root of the checkpoint's config)")
+    e.add_argument("--output", help="folder for metrics.json (default: output_dir of the checkpoint's config)")
+    e.add_argument("--device", help=_DEVICE_HELP)
+    e.add_argument("--generate-data", action="store_true",
+                   help="generate SynthOcc (the config's preset and seed) when its folder is absent or empty "
+                        "(default: a missing dataset is an error)")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     e.set_defaults(func=cmd_test)
 
-    s = sub.add_parser("synth", help="generate the SynthOcc benchmark")
+    s = sub.add_parser("synth", help="generate the SynthOcc benchmark",
+                       description="Generate the SynthOcc benchmark (its preset and seed are recorded in "
+                                   "synthocc.json).")
     s.add_argument("--out", required=True, help="dataset folder to write")
-    s.add_argument("--preset", default="demo", help="tiny | demo | full")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--preset", default="demo", help="tiny | demo | full (default: %(default)s)")
+    s.add_argument("--seed", type=_count, default=0, help="random seed (default: %(default)s)")
+    s.add_argument("--overwrite", action="store_true", help="replace a dataset of another preset or seed in --out")
     s.add_argument("--preview", help="also write a contact sheet PNG of generated images")
     s.set_defaults(func=cmd_synth)
 
-    d = sub.add_parser("demo", help="SynthOcc + tiny ViT on the CPU: train, evaluate, draw results")
-    d.add_argument("--output", default="outputs/demo")
-    d.add_argument("--data-root", default="data")
-    d.add_argument("--method", default="baseline", help="baseline | fed | dpm")
-    d.add_argument("--epochs", type=int, default=None)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
-    d.add_argument("overrides", nargs="*")
+    d = sub.add_parser("demo", help="SynthOcc + tiny ViT on the CPU: train, evaluate, draw results",
+                       description="Generate SynthOcc, train a tiny ViT, evaluate it per occlusion type and draw "
+                                   "training curves and ranked lists.")
+    d.add_argument("--output", default="outputs/demo", help="output folder (default: %(default)s)")
+    d.add_argument("--data-root", default="data",
+                   help="folder for the SynthOcc dataset, generated into DATA_ROOT/SynthOcc on first use "
+                        "(default: %(default)s)")
+    d.add_argument("--method", default="baseline", help="baseline | fed | dpm (default: %(default)s)")
+    d.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs (default: solver.max_epochs of the demo config)")
+    d.add_argument("--seed", type=_count, default=0, help="training seed, solver.seed (default: %(default)s)")
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="move a run already in the output folder aside to <folder>.old-<n> (nothing is deleted)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     d.set_defaults(func=cmd_demo)
 
-    a = sub.add_parser("ablate", help="run a paper ablation table on SynthOcc (FED/DPM Tables 3-4)")
+    a = sub.add_parser("ablate", help="run a paper ablation table on SynthOcc (FED/DPM Tables 3-4)",
+                       description="Run a paper ablation table on SynthOcc; finished rows are kept, "
+                                   "interrupted ones resumed.")
     a.add_argument("table", help="fed-components | fed-k | fed-switches | dpm-components | dpm-losses")
-    a.add_argument("--output", default="outputs/ablations", help="runs and result tables go here")
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the headline rows (others: the first)")
-    a.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
-    a.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    a.add_argument("--output", default="outputs/ablations", help="runs and result tables go here (default: %(default)s)")
+    a.add_argument("--seeds", type=_count, nargs="+", default=[0, 1, 2],
+                   help="seeds of the headline rows; the others use the first (default: 0 1 2)")
+    a.add_argument("--jobs", type=_positive_int, default=1, help="runs trained at the same time (default: %(default)s)")
+    a.add_argument("--threads", type=_positive_int, help="torch threads per run (default: cores / jobs)")
     a.add_argument("--data-root", help="folder holding SynthOcc (default: data.root of the configs)")
     a.add_argument("--dry-run", action="store_true", help="print the training commands left to run")
-    a.add_argument("overrides", nargs="*", help="config overrides for every row, right after the table name")
+    a.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every row")
     a.set_defaults(func=cmd_ablate)
 
     _add_use_commands(sub)  # index, search, visualize, export (using a trained model)
@@ -210,36 +297,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extractor_from_args(args, weights: Optional[str] = None):
-    from .inference import FeatureExtractor
-
     return FeatureExtractor(
         weights or args.weights,
         device=args.device or "auto",
         batch_size=args.batch_size,
         num_workers=args.workers,
+        config=args.config,
+        memory=args.memory,
     )
 
 
 def cmd_index(args) -> int:
-    from .retrieval import GalleryIndex
-
+    _check_out_file(args.out, "--out")
+    kw = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
+    if args.faiss:  # before any extraction: a missing extra or a bad kind fails at once
+        require_faiss()
+        FaissSearcher(args.faiss, **kw)
+    elif kw:
+        raise OccReIDError("--nlist and --nprobe configure a faiss index: pass --faiss ivf (or another kind) too")
+    list_gallery_images(args.images)  # a missing or empty folder fails before the model is loaded
     ex = _extractor_from_args(args)
-    index = GalleryIndex.from_folder(ex, args.images)
+    index = GalleryIndex.from_folder(ex, args.images, skip_unreadable=not args.strict)
     if args.faiss:
-        kw = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
         index.add_faiss(args.faiss, **kw)
     index.save(args.out)
+    if index.skipped:
+        logger.warning("skipped %d unreadable image%s of %d (see the warnings above); pass --strict to stop at "
+                       "the first one instead", len(index.skipped), "s" if len(index.skipped) != 1 else "",
+                       len(index.skipped) + len(index))
     ids = "person/camera ids from the file names" if index.pids is not None else "no ids (file names are not <pid>_c<cam>...)"
     extra = f", faiss {index.faiss.describe()}" if index.faiss is not None else ""
-    print(f"indexed {len(index)} images from {args.images}: {index.dim}-d {ex.method}/{ex.backbone} features "
+    skipped = f" ({len(index.skipped)} unreadable skipped)" if index.skipped else ""
+    print(f"indexed {len(index)} images{skipped} from {args.images}: {index.dim}-d {ex.method}/{ex.backbone} features "
           f"(model {ex.fingerprint}), {ids}, distance {index.retrieval['distance']}{extra}")
     print(f"index written to {args.out}")
     return 0
 
 
 def cmd_search(args) -> int:
-    from .retrieval import GalleryIndex
-
+    if args.json and args.json != "-":
+        _check_out_file(args.json, "--json")
     index = GalleryIndex.load(args.index)
     weights = args.weights or index.model.get("weights")
     if not weights:
@@ -254,7 +351,7 @@ def cmd_search(args) -> int:
     if index.faiss is not None and args.nprobe is not None:
         index.faiss.set_nprobe(args.nprobe)
     queries = list(args.query)
-    feats = ex.extract(queries, cam_ids=[args.query_camid] * len(queries) if ex.uses_cameras else None)
+    feats = ex.extract(queries, camids=[args.query_camid] * len(queries) if ex.uses_cameras else None)
     res = index.search(feats, k=args.topk, backend=args.backend)
     rows = res.to_dicts()
     if args.json:
@@ -262,7 +359,6 @@ def cmd_search(args) -> int:
         if args.json == "-":
             print(payload)
             return 0
-        from .utils.io import atomic_write_text
 
         atomic_write_text(payload + "\n", args.json)
     score = "masked cosine" if index.is_masked else "cosine"
@@ -270,7 +366,7 @@ def cmd_search(args) -> int:
         print(f"query {q}  (top {len(r)} of {len(index)}, {res.backend}, score = {score})")
         for item in r:
             pid = f"  pid {item['pid']:>5}" if "pid" in item else ""
-            print(f"  {item['rank']:>3}  {item['score']:.6f}{pid}  {item['path']}")
+            print(f"  {item['rank']:>3}  {item['score']:.6f}{pid}  {_display_path(item['path'])}")
     if args.json:
         print(f"results written to {args.json}")
     return 0
@@ -279,11 +375,8 @@ def cmd_search(args) -> int:
 def cmd_visualize(args) -> int:
     """Dataset mode: metrics, ranked lists, FED/DPM pictures and an HTML report for a checkpoint
     on its test set. Image mode (--images): FED stripe scores / DPM mask statistics."""
-    import numpy as np
     import torch
 
-    from .viz.occlusion import draw_mask_statistics, draw_occlusion_scores, mask_statistics
-    from .viz.report import write_report
 
     ex = _extractor_from_args(args)
     out = Path(args.out)
@@ -293,7 +386,7 @@ def cmd_visualize(args) -> int:
     written: List[Path] = []
     if args.images:
         paths = list(args.images)
-        res = ex.extract(paths, cam_ids=[0] * len(paths) if ex.uses_cameras else None)
+        res = ex.extract(paths, camids=[0] * len(paths) if ex.uses_cameras else None)
         names = [Path(p).name for p in paths]
         if "part_scores" in res:
             written.append(draw_occlusion_scores(paths, res["part_scores"], out / "fed_occlusion_scores.png",
@@ -309,27 +402,21 @@ def cmd_visualize(args) -> int:
             print(f"wrote {p}")
         return 0
 
-    from .config import load_config
-    from .engine.build import build_datasets
-    from .evaluation.extract import evaluate_features, split_query_gallery
-    from .retrieval import GalleryIndex
-    from .utils.io import atomic_write_text
-    from .viz.curves import plot_training_log
-    from .viz.ranklist import draw_ranked_lists, pick_queries, top_matches
 
     ov = [f"data.root={args.data_root}"] if args.data_root else []
     cfg = load_config(None, ov + list(args.overrides or []), base=ex.config)
-    _, test_ds = build_datasets(cfg)
+    with synthocc_generation(args.generate_data):  # evaluating generates SynthOcc only when asked
+        _, test_ds = build_datasets(cfg)
     query, gallery = list(test_ds.query), list(test_ds.gallery)
     recs = query + gallery
-    feats = ex.extract([r.path for r in recs], cam_ids=[r.camid for r in recs] if ex.uses_cameras else None)
+    feats = ex.extract([r.path for r in recs], camids=[r.camid for r in recs] if ex.uses_cameras else None)
     q, g = split_query_gallery(feats, len(query))
     for part, rr in ((q, query), (g, gallery)):
         part["pids"] = torch.tensor([r.pid for r in rr])
         part["camids"] = torch.tensor([r.camid for r in rr])
     groups = [getattr(r, "occlusion", None) for r in query]
     t = cfg["test"]
-    metrics = evaluate_features(q, g, model=ex.model, feat_norm=True, metric=t["metric"],
+    metrics = evaluate_features(q, g, distance=ex.retrieval_distance, feat_norm=True, metric=t["metric"],
                                 max_rank=int(t["max_rank"]), query_groups=groups)
     metrics.update(dataset=test_ds.name, method=ex.method, checkpoint=str(args.weights))
     atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
@@ -378,19 +465,20 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx, export_safetensors
-
     fmt = args.format or {".onnx": "onnx", ".safetensors": "safetensors"}.get(Path(args.out).suffix)
     if fmt is None:
         raise OccReIDError(f"cannot tell the export format from {args.out!r}: name it *.onnx or *.safetensors, or pass --format")
+    _check_out_file(args.out, "--out")
+    if fmt == "onnx":  # before the model is loaded: the extras this export needs
+        require_module("onnx", "onnx", "exporting to ONNX")
+        if args.check:
+            require_module("onnxruntime", "onnx", "--check of an ONNX export")
     ex = _extractor_from_args(args)
     if fmt == "safetensors":
         path = export_safetensors(ex, args.out)
         print(f"weights: {path}\nsidecar: {path.with_suffix('.json')}\nfeature dim {ex.feature_dim}, input "
               f"{ex.img_size[0]}x{ex.img_size[1]} RGB, model {ex.fingerprint}")
         if args.check:
-            from .export import load_export
-
             back = load_export(path, device=ex.device)
             x = ex.preprocess([__import__("numpy").zeros((*ex.img_size, 3), dtype="uint8")] * 2)
             a, b = ex.forward_batch(x), back.forward_batch(x)
@@ -401,62 +489,106 @@ def cmd_export(args) -> int:
     print(f"onnx: {path}\nsidecar: {path.with_name(path.name + '.json')}\ninput images [B, 3, {ex.img_size[0]}, "
           f"{ex.img_size[1]}] RGB float in [0, 1]" + (", cam_ids [B] int64" if ex.uses_cameras else ""))
     if args.check:
-        from .export import check_onnx
-
         diffs = check_onnx(path, ex, batch_size=args.check_batch)
         print("check (onnxruntime vs PyTorch, batch of "
               f"{args.check_batch}): " + ", ".join(f"max |{k} difference| {v:.2e}" for k, v in diffs.items()))
     return 0
 
 
+_VISUALIZE_FILES = """\
+Ranked lists, FED/DPM occlusion pictures and an HTML report for a checkpoint on its test set.
+
+files written into --out:
+  metrics.json              the evaluation (the numbers of `occreid test`)
+  ranked_lists.png          top-k gallery images of a few queries per occlusion type
+  fed_occlusion_scores.png  FED models: OEM score per horizontal stripe of those queries
+  dpm_mask_statistics.png   DPM models: statistics of the queries' HMG channel masks
+  curves.png                training curves, when log.jsonl lies next to --weights
+  report_cmc.png            the CMC curve (drawn for the report)
+  report.html               all of the above in one self-contained page
+with --images, only fed_occlusion_scores.png (FED) or dpm_mask_statistics.png (DPM) of those images."""
+
+
 def _add_use_commands(sub) -> None:
     def common(c, weights_required: bool = True):
-        c.add_argument("--weights", required=weights_required, help="occreid checkpoint (model_final.pth) or .safetensors export")
-        c.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
-        c.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-        c.add_argument("--workers", type=int, default=0, help="image decoding workers")
+        c.add_argument("--weights", required=weights_required,
+                       help="occreid checkpoint (model_final.pth) or .safetensors export"
+                            + ("" if weights_required else " (default: the weights the index was built with)"))
+        c.add_argument("--config", help="for an official TransReID/FED/DPM checkpoint: the config of its architecture "
+                       "(e.g. occluded_duke/dpm.yaml; default: none, occreid checkpoints carry their own)")
+        c.add_argument("--memory", help=_MEMORY_HELP)
+        c.add_argument("--device", help=_DEVICE_HELP)
+        c.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: %(default)s)")
+        c.add_argument("--workers", type=_count, default=0,
+                       help="image decoding worker processes (default: %(default)s = in this process)")
 
-    i = sub.add_parser("index", help="extract features of a folder of images into a gallery index")
+    i = sub.add_parser("index", help="extract features of a folder of images into a gallery index",
+                       description="Extract the features of every image under a folder into one index file. "
+                                   "Unreadable images are skipped with a warning (--strict: stop instead).")
     common(i)
     i.add_argument("--images", required=True, help="folder of gallery images (searched recursively)")
     i.add_argument("--out", required=True, help="index file to write")
-    i.add_argument("--faiss", help="also build a faiss index: flat (exact), ivf, ivfpq, hnsw or a factory string")
-    i.add_argument("--nlist", type=int, help="IVF cells (default 4*sqrt(N))")
-    i.add_argument("--nprobe", type=int, help="IVF cells visited per query (default 32)")
+    i.add_argument("--faiss", help="also build a faiss index: flat (exact), ivf, ivfpq, hnsw or a factory string "
+                                   "(needs occreid[faiss]; default: none, exact search)")
+    i.add_argument("--nlist", type=_positive_int, help="IVF cells (default: 4*sqrt(N))")
+    i.add_argument("--nprobe", type=_positive_int, help="IVF cells visited per query (default: 32)")
+    i.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with a warning)")
     i.set_defaults(func=cmd_index)
 
-    s = sub.add_parser("search", help="search a gallery index with query images")
+    s = sub.add_parser("search", help="search a gallery index with query images",
+                       description="Search a gallery index with query images; works from any folder (the index "
+                                   "resolves its paths against its own location).")
     common(s, weights_required=False)
     s.add_argument("--index", required=True, help="index written by `occreid index`")
     s.add_argument("--query", required=True, nargs="+", help="query image(s)")
-    s.add_argument("--topk", type=int, default=10)
+    s.add_argument("--topk", type=_positive_int, default=10, help="results per query (default: %(default)s)")
     s.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss"],
-                   help="auto: the index's faiss index when it has one, else exact")
-    s.add_argument("--nprobe", type=int, help="IVF cells visited per query")
-    s.add_argument("--query-camid", type=int, default=0, help="camera id of the queries (SIE models only)")
+                   help="auto: the index's faiss index when it has one, else exact (default: %(default)s)")
+    s.add_argument("--nprobe", type=_positive_int, help="IVF cells visited per query (default: the index's)")
+    s.add_argument("--query-camid", type=_count, default=0,
+                   help="camera id of the queries, SIE models only (default: %(default)s)")
     s.add_argument("--json", help="also write the results as JSON to this file ('-' = print JSON only)")
     s.set_defaults(func=cmd_search)
 
-    v = sub.add_parser("visualize", help="ranked lists, occlusion pictures and an HTML report")
+    v = sub.add_parser("visualize", help="ranked lists, occlusion pictures, CMC curve and an HTML report",
+                       description=_VISUALIZE_FILES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(v)
-    v.add_argument("--out", required=True, help="output folder")
-    v.add_argument("--data-root", help="dataset folder (default: the checkpoint's data.root)")
+    v.add_argument("--out", required=True, help="output folder (the files are listed above)")
+    v.add_argument("--data-root", help="dataset folder (default: data.root of the checkpoint's config)")
+    v.add_argument("--generate-data", action="store_true",
+                   help="generate SynthOcc (the config's preset and seed) when its folder is absent or empty "
+                        "(default: a missing dataset is an error)")
     v.add_argument("--images", nargs="+", help="draw FED stripe scores / DPM mask statistics for these images only")
-    v.add_argument("--num-queries", type=int, default=9, help="queries in the ranked-list picture")
-    v.add_argument("--per-type", type=int, default=3, help="queries per occlusion type (holistic/npo/ntp)")
-    v.add_argument("--topk", type=int, default=8)
+    v.add_argument("--num-queries", type=_positive_int, default=9, help="queries in the ranked-list picture (default: %(default)s)")
+    v.add_argument("--per-type", type=_positive_int, default=3,
+                   help="queries per occlusion type, holistic/npo/ntp (default: %(default)s)")
+    v.add_argument("--topk", type=_positive_int, default=8, help="gallery images per ranked list (default: %(default)s)")
     v.add_argument("--scale", type=float, help="thumbnail size relative to the model input (default: >= 128 px high)")
-    v.add_argument("overrides", nargs="*", help="config overrides for the test data, e.g. data.test_name=...")
+    v.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for the test data, e.g. data.test_name=occluded_reid")
     v.set_defaults(func=cmd_visualize)
 
-    e = sub.add_parser("export", help="export to ONNX or safetensors (+ JSON sidecar)")
+    e = sub.add_parser("export", help="export to ONNX or safetensors (+ JSON sidecar)",
+                       description="Export to ONNX (needs occreid[onnx]) or safetensors, each with a JSON sidecar.")
     common(e)
     e.add_argument("--out", required=True, help="reid.onnx or reid.safetensors")
     e.add_argument("--format", choices=["onnx", "safetensors"], help="default: from the --out suffix")
-    e.add_argument("--opset", type=int, default=17)
-    e.add_argument("--check", action="store_true", help="compare the export's output with PyTorch's")
-    e.add_argument("--check-batch", type=int, default=8)
+    e.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default: %(default)s)")
+    e.add_argument("--check", action="store_true",
+                   help="compare the export's output with PyTorch's (ONNX: with onnxruntime, occreid[onnx])")
+    e.add_argument("--check-batch", type=_positive_int, default=8, help="images in the --check batch (default: %(default)s)")
     e.set_defaults(func=cmd_export)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an error as one line. An error raised in a DataLoader worker arrives
+    wrapped in torch's "Caught ... in DataLoader worker process" text with a traceback; its
+    last line holds the original message."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        msg = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") and ": " in last else last
+    return " ".join(msg.split())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -466,7 +598,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OccReIDError as exc:
-        print(f"occreid: error: {exc}", file=sys.stderr)
+        print(f"occreid: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("occreid: interrupted (resume with --resume)", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import yaml
 
+from .configs import config_path
 from .utils.io import OccReIDError
 
 # Defaults reproduce the TransReID ViT-B baseline recipe (transreid-backbone.md §3-§4).
@@ -38,6 +39,7 @@ DEFAULTS: Dict[str, Any] = {
         "id_loss_weight": 1.0,
         "triplet_loss_weight": 1.0,
         "fused_attn": True,
+        "grad_checkpointing": False,  # activation checkpointing of the ViT blocks (GPU memory)
         "kwargs": {},  # method-specific arguments (FED, DPM switches)
     },
     "data": {
@@ -111,7 +113,80 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _check_keys(cfg: Mapping, ref: Mapping, prefix: tuple, source: str) -> None:
+# Keys whose values may have another type than their default (besides None defaults, which take any).
+_TYPES: Dict[tuple, tuple] = {
+    ("progress",): (str, bool),  # YAML reads on/off as booleans
+    ("data", "npo"): (str, bool),  # auto | true | false
+    ("model", "stride"): (int, list),  # one stride or [sy, sx]
+}
+# Optional keys (default None): the types a set value must have.
+_OPTIONAL_TYPES: Dict[tuple, tuple] = {
+    ("model", "pretrained"): (str,),
+    ("model", "triplet_margin"): (float,),
+    ("data", "test_name"): (str,),
+    ("data", "test_root"): (str,),
+    ("data", "color_jitter"): (list,),
+    ("data", "occluders"): (str, list),
+    ("solver", "grad_clip"): (float,),
+}
+_PATH_KEYS = {("data", "root"), ("output_dir",)}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list", dict: "a mapping"}
+
+
+def _type_error(dotted: str, source: str, value: Any, expected: str, default: Any) -> OccReIDError:
+    if value is None:
+        got = "null"
+    else:
+        got = f"the text {value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    shown = "null" if default in (None, "null") else repr(default)
+    return OccReIDError(f"config key {dotted!r} in {source} must be {expected} (default: {shown}), got {got}")
+
+
+def _coerce(path: tuple, value: Any, default: Any, source: str) -> Any:
+    """``value`` checked against the type of ``default`` (``int`` keys take integers, ``float``
+    keys any number, text that reads as a number included); returns it, converted."""
+    dotted = ".".join(path)
+    if default is None:
+        if value is None or path not in _OPTIONAL_TYPES:
+            return value  # not set; or free in type, checked by the component that reads it
+        allowed = _OPTIONAL_TYPES[path]
+        default = "null"
+    else:
+        allowed = _TYPES.get(path) or (type(default),)
+    if isinstance(default, tuple):
+        allowed = (list, tuple)
+    expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed)
+    if default == "null":
+        expected += " or null"
+    if bool in allowed and isinstance(value, bool):
+        return value
+    if int in allowed or float in allowed:
+        num = value
+        if isinstance(value, str):
+            try:
+                num = float(value.strip()) if float in allowed else int(value.strip())
+            except ValueError:
+                num = value
+        if isinstance(num, float) and float not in allowed and num.is_integer():
+            num = int(num)
+        if not isinstance(num, bool) and (
+            (int in allowed and isinstance(num, int)) or (float in allowed and isinstance(num, (int, float)))
+        ):
+            return float(num) if float in allowed and int not in allowed else num
+    if str in allowed and isinstance(value, str):
+        return value
+    if path in _PATH_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a folder named 2024
+    if (list in allowed or tuple in allowed) and isinstance(value, (list, tuple)):
+        return list(value)
+    raise _type_error(dotted, source, value, expected, default)
+
+
+def _check_keys(cfg: Mapping, ref: Mapping, prefix: tuple, source: str) -> Dict[str, Any]:
+    """Check every key of ``cfg`` against ``ref`` (unknown keys, mappings, value types);
+    returns a copy with values converted where the type allows (e.g. ``"1e-4"`` -> ``1e-4``)."""
+    out: Dict[str, Any] = {}
     for key, value in cfg.items():
         path = prefix + (key,)
         dotted = ".".join(path)
@@ -124,6 +199,7 @@ def _check_keys(cfg: Mapping, ref: Mapping, prefix: tuple, source: str) -> None:
         if path in _FREE_FORM:
             if value is not None and not isinstance(value, Mapping):
                 raise OccReIDError(f"config key {dotted!r} in {source} must be a mapping")
+            out[key] = copy.deepcopy(value)
             continue
         if isinstance(ref[key], Mapping):
             if not isinstance(value, Mapping):
@@ -131,7 +207,10 @@ def _check_keys(cfg: Mapping, ref: Mapping, prefix: tuple, source: str) -> None:
                     f"config key {dotted!r} in {source} must be a mapping of "
                     f"{', '.join(ref[key])}, got {value!r}"
                 )
-            _check_keys(value, ref[key], path, source)
+            out[key] = _check_keys(value, ref[key], path, source)
+            continue
+        out[key] = _coerce(path, copy.deepcopy(value), ref[key], source)
+    return out
 
 
 def merge(base: Dict[str, Any], update: Mapping) -> Dict[str, Any]:
@@ -195,22 +274,16 @@ def load_config(
     ``extra`` mapping <- ``key=value`` overrides."""
     cfg = copy.deepcopy(DEFAULTS)
     if base:
-        _check_keys(base, DEFAULTS, (), "the stored config")
-        cfg = merge(cfg, base)
+        cfg = merge(cfg, _check_keys(base, DEFAULTS, (), "the stored config"))
     if path is not None:
-        from .configs import config_path  # a file path, or the name of a shipped config
-
-        path = config_path(str(path))
+        path = config_path(str(path))  # a file path, or the name of a shipped config
         data = _read_yaml(Path(path))
-        _check_keys(data, DEFAULTS, (), str(path))
-        cfg = merge(cfg, data)
+        cfg = merge(cfg, _check_keys(data, DEFAULTS, (), str(path)))
     if extra:
-        _check_keys(extra, DEFAULTS, (), "arguments")
-        cfg = merge(cfg, extra)
+        cfg = merge(cfg, _check_keys(extra, DEFAULTS, (), "arguments"))
     for item in overrides:
         upd = parse_override(item)
-        _check_keys(upd, DEFAULTS, (), f"override {item!r}")
-        cfg = merge(cfg, upd)
+        cfg = merge(cfg, _check_keys(upd, DEFAULTS, (), f"override {item!r}"))
     if isinstance(cfg.get("progress"), bool):  # YAML reads on/off as booleans
         cfg["progress"] = "on" if cfg["progress"] else "off"
     validate(cfg)
@@ -219,7 +292,6 @@ def load_config(
 
 _CHOICES = {
     ("solver", "amp"): ("auto", "bf16", "fp16", "fp32"),
-    ("model", "neck_feat"): ("before", "after"),
     ("test", "metric"): ("euclidean", "cosine"),
     ("progress",): ("auto", "on", "off"),
 }

@@ -13,15 +13,42 @@ import torch
 
 from .config import load_config
 from .configs import config_path
+from .engine.build import build_test_loader, method_spec
+from .engine.trainer import Trainer
+from .evaluation.extract import extract_features, query_gallery_distance
+from .methods import available_methods
 from .utils.io import OccReIDError
+from .viz.ranklist import draw_ranked_lists, pick_queries, top_matches
 
 logger = logging.getLogger(__name__)
 
-DEMO_CONFIGS = {
-    "baseline": "synthocc/baseline_demo.yaml",
-    "fed": "synthocc/fed_demo.yaml",
-    "dpm": "synthocc/dpm_demo.yaml",
-}
+def demo_config(method: str) -> str:
+    """The shipped SynthOcc demo recipe of ``method`` (``synthocc/<method>_demo.yaml``)."""
+    name = f"synthocc/{method}_demo.yaml"
+    try:
+        return config_path(name)
+    except OccReIDError:
+        have = [m for m in available_methods() if _has_config(f"synthocc/{m}_demo.yaml")]
+        raise OccReIDError(f"demo method {method!r} has no demo recipe ({name}); choose from {', '.join(have)}") from None
+
+
+def _has_config(name: str) -> bool:
+    try:
+        config_path(name)
+    except OccReIDError:
+        return False
+    return True
+
+
+def print_metrics(m: Dict) -> None:
+    """The one-line summary of an evaluation, then one line per occlusion group."""
+    print(
+        f"{m.get('dataset', '')} {m.get('method', '')}: mAP {m['mAP']:.1%}  R1 {m['rank1']:.1%}  "
+        f"R5 {m['rank5']:.1%}  R10 {m['rank10']:.1%}  mINP {m['mINP']:.1%}  "
+        f"({m['num_valid_queries']} queries, {m['num_skipped_queries']} skipped)"
+    )
+    for g, v in (m.get("by_occlusion") or {}).items():
+        print(f"  {g:>9}: mAP {v['mAP']:.1%}  R1 {v['rank1']:.1%}  ({v['num_queries']} queries)")
 
 
 def run_demo(
@@ -33,15 +60,11 @@ def run_demo(
     device: str = "auto",
     overrides: Sequence[str] = (),
 ) -> Dict:
-    from .engine.trainer import Trainer
-
     out_dir = Path(output)
     ov = [f"output_dir={out_dir}", f"data.root={data_root}", f"device={device}", f"solver.seed={seed}"]
     if epochs is not None:
         ov.append(f"solver.max_epochs={epochs}")
-    if method not in DEMO_CONFIGS:
-        raise OccReIDError(f"demo method {method!r} is not available; choose from {', '.join(DEMO_CONFIGS)}")
-    cfg = load_config(config_path(DEMO_CONFIGS[method]), ov + list(overrides))
+    cfg = load_config(demo_config(method), ov + list(overrides))
     trainer = Trainer(cfg)
     metrics = trainer.train()
     pictures = draw_demo_ranklists(trainer, out_dir / "ranked_occluded_queries.png")
@@ -52,9 +75,7 @@ def run_demo(
         "checkpoint": str(out_dir / "model_final.pth"),
     }
     (out_dir / "demo_outputs.json").write_text(json.dumps(summary, indent=2))
-    from .cli import _print_metrics
-
-    _print_metrics(metrics)
+    print_metrics(metrics)
     print(f"training curves:   {summary['curves']}")
     print(f"ranked lists:      {summary['ranked_lists']}")
     print(f"metrics:           {summary['metrics']}")
@@ -65,10 +86,6 @@ def run_demo(
 def draw_demo_ranklists(trainer, out_png: Path, per_type: int = 3, topk: int = 8) -> Path:
     """Top-k gallery images for a few NPO and NTP queries (same-id same-camera items removed,
     as in the evaluation protocol)."""
-    from .engine.build import build_test_loader
-    from .evaluation.extract import extract_features, query_gallery_distance
-    from .viz.ranklist import draw_ranked_lists, pick_queries, top_matches
-
     query, gallery = trainer.query, trainer.gallery
     chosen = pick_queries(query, per_type, 2 * per_type, kinds=("npo", "ntp"))
     cfg = trainer.cfg
@@ -79,7 +96,10 @@ def draw_demo_ranklists(trainer, out_png: Path, per_type: int = 3, topk: int = 8
     n = len(chosen)
     q = {k: v[:n] for k, v in feats.items()}
     g = {k: v[n:] for k, v in feats.items()}
-    d = query_gallery_distance(q, g, model=model, metric=cfg["test"]["metric"])
+    spec = method_spec(cfg)
+    d = query_gallery_distance(
+        q, g, distance=lambda qq, gg: spec.retrieval_distance(model, qq, gg), metric=cfg["test"]["metric"]
+    )
     d = torch.as_tensor(d(0, n) if callable(d) else d).float().numpy()
     ranked, matches = top_matches(
         np.argsort(d, axis=1, kind="stable"),

@@ -8,7 +8,7 @@ The graph takes **RGB float32 images in [0, 1], ``[B, 3, H, W]``** at the model'
 (resize before; the batch axis is dynamic) and applies the pixel normalisation itself, so a
 tracker only scales pixels by 1/255. Outputs: ``feat`` ``[B, D]`` L2-normalised; DPM adds
 ``mask`` ``[B, D]`` (the HMG channel mask for the query-mask distance), FED adds
-``part_scores`` ``[B, P]``. An SIE model takes a second input ``cam_ids`` (int64 ``[B]``).
+``part_scores`` ``[B, P]``. An SIE model takes a second input ``camids`` (int64 ``[B]``).
 
 safetensors::
 
@@ -35,6 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .engine.checkpoint import unwrap
+from .inference import (
+    _METADATA_KEY,
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    FeatureExtractor,
+    _sidecar_path,
+    load_safetensors_export,
+)
+from .methods import get_method
 from .utils.io import OccReIDError, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -51,54 +61,38 @@ __all__ = [
     "check_onnx",
 ]
 
-EXPORT_FORMAT = "occreid-export"
-EXPORT_VERSION = 1
-_METADATA_KEY = "occreid"
 
 Source = Union[str, os.PathLike, Mapping[str, Any], Any]  # path, checkpoint dict or FeatureExtractor
 
 
-def _extractor(source: Source, device: Union[str, torch.device] = "cpu"):
-    from .inference import FeatureExtractor
-
+def _extractor(source: Source, device: Union[str, torch.device] = "cpu") -> FeatureExtractor:
     if isinstance(source, FeatureExtractor):
         return source
     return FeatureExtractor(source, device=device)
 
 
-def onnx_output_names(method: str) -> List[str]:
-    """Output names of the exported graph for ``method``."""
-    return {"dpm": ["feat", "mask"], "fed": ["feat", "part_scores"]}.get(method, ["feat"])
+def onnx_output_names(extractor: FeatureExtractor) -> List[str]:
+    """Output names of the exported graph: the method's eval outputs, ``"feat"`` first."""
+    return list(extractor.outputs)
 
 
 class InferenceModule(nn.Module):
-    """The deployable model: ``images`` RGB in [0, 1] ``[B, 3, H, W]`` (+ ``cam_ids`` for SIE)
-    -> ``(feat [B, D] L2-normalised, *extras)`` (:func:`onnx_output_names`).
+    """The deployable model: ``images`` RGB in [0, 1] ``[B, 3, H, W]`` (+ ``camids`` for SIE)
+    -> ``(feat [B, D] L2-normalised, *extras)`` in the order of :func:`onnx_output_names`.
 
     Pixel normalisation ``(x - mean) / std`` is part of the module.
     """
 
-    def __init__(self, model: nn.Module, method: str, pixel_mean, pixel_std) -> None:
+    def __init__(self, model: nn.Module, outputs: List[str], pixel_mean, pixel_std) -> None:
         super().__init__()
-        if method == "dpm" and getattr(model, "hmg", True) is None:
-            raise OccReIDError(
-                "this DPM checkpoint is an ablation without the masked branch (masked_branch=false): "
-                "it has no mask output to export; it is the ViT baseline, train model.name=baseline to deploy it"
-            )
         self.model = model.eval()
-        self.method = method
+        self.outputs = list(outputs)
         self.register_buffer("pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
-        x = (images - self.pixel_mean) / self.pixel_std
-        if self.method == "fed":
-            out = self.model.forward_features(x, cam_ids)
-            return F.normalize(out["feat"], dim=1), out["part_scores"]
-        out = self.model(x, cam_ids=cam_ids)
-        if isinstance(out, Mapping):
-            return F.normalize(out["feat"], dim=1), out["mask"]
-        return (F.normalize(out, dim=1),)
+    def forward(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+        out = self.model((images - self.pixel_mean) / self.pixel_std, cam_ids=camids)
+        return (F.normalize(out["feat"], dim=1), *(out[k] for k in self.outputs[1:]))
 
 
 def _sha256(path: Path) -> str:
@@ -113,11 +107,8 @@ def export_metadata(extractor: Any, *, normalised_in_graph: bool = False) -> Dic
     """The JSON sidecar describing ``extractor``'s model (see the module docstring)."""
     meta = dict(extractor.meta)
     arch_keys = ("method", "backbone", "stride", "num_classes", "num_cameras", "sie_camera", "sie_coef", "neck_feat", "kwargs")
-    outputs = {"feat": {"shape": ["batch", extractor.feature_dim], "l2_normalised": True}}
-    if extractor.method == "dpm":
-        outputs["mask"] = {"shape": ["batch", extractor.feature_dim], "range": [0, 1]}
-    if extractor.method == "fed":
-        outputs["part_scores"] = {"shape": ["batch", int(getattr(extractor.model, "num_parts", 0))], "range": [0, 1]}
+    shapes = extractor.output_shapes()
+    outputs = {k: dict(info, shape=["batch", *shapes[k]]) for k, info in extractor.outputs.items()}
     return {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -135,7 +126,7 @@ def export_metadata(extractor: Any, *, normalised_in_graph: bool = False) -> Dic
             "normalisation": "x = (rgb / 255 - pixel_mean) / pixel_std",
             "normalised_in_graph": bool(normalised_in_graph),
             "value_range": [0.0, 1.0] if normalised_in_graph else "normalised",
-            "cam_ids": bool(extractor.uses_cameras),
+            "camids": bool(extractor.uses_cameras),
         },
         "outputs": outputs,
         "retrieval": extractor.retrieval,
@@ -150,13 +141,6 @@ def export_metadata(extractor: Any, *, normalised_in_graph: bool = False) -> Dic
 # --------------------------------------------------------------------------------------------
 
 
-def _sidecar_path(path: Path) -> Path:
-    """``model.safetensors`` -> ``model.json``; ``reid.onnx`` -> ``reid.onnx.json``."""
-    if path.suffix == ".safetensors":
-        return path.with_suffix(".json")
-    return path.with_name(path.name + ".json")
-
-
 def export_safetensors(source: Source, out: Union[str, os.PathLike]) -> Path:
     """Write the model weights as ``out`` (``.safetensors``) and the sidecar (``.json`` instead of
     ``.safetensors``).
@@ -165,8 +149,6 @@ def export_safetensors(source: Source, out: Union[str, os.PathLike]) -> Path:
     Returns the safetensors path.
     """
     from safetensors.torch import save_file
-
-    from .engine.checkpoint import unwrap
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -184,58 +166,8 @@ def export_safetensors(source: Source, out: Union[str, os.PathLike]) -> Path:
     return out
 
 
-def load_safetensors_export(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a safetensors export as a checkpoint-like dict (``config``, ``model_meta``, ``model``).
-
-    The sidecar ``<name>.json`` is used when present, else the metadata embedded in the file.
-    Raises :class:`OccReIDError` for files that are not occreid exports and for a sidecar that
-    does not describe these weights.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .inference import model_fingerprint
-
-    p = Path(path)
-    if not p.is_file():
-        raise OccReIDError(f"weights file not found: {p}")
-    try:
-        with safe_open(str(p), framework="pt") as fh:
-            embedded = (fh.metadata() or {}).get(_METADATA_KEY)
-        state = load_file(str(p))
-    except Exception as exc:  # safetensors raises its own error types (SafetensorError, ...)
-        raise OccReIDError(f"cannot read {p} as safetensors: {exc}") from None
-    side = _sidecar_path(p)
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise OccReIDError(f"sidecar {side} is not valid JSON: {exc}") from None
-    elif embedded:
-        meta = json.loads(embedded)
-    else:
-        raise OccReIDError(
-            f"{p} is not an occreid export: it has no occreid metadata and no sidecar {side.name}. "
-            "Export weights with `occreid export --weights CKPT --format safetensors`; ImageNet "
-            "backbone weights go to training as model.pretrained=PATH"
-        )
-    if meta.get("format") != EXPORT_FORMAT:
-        raise OccReIDError(f"{side if side.is_file() else p}: not an occreid export sidecar (format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > EXPORT_VERSION:
-        raise OccReIDError(f"{p} was exported by a newer occreid (version {meta['version']}); upgrade occreid")
-    fp = model_fingerprint(meta["model_meta"], state)
-    if meta.get("fingerprint") and fp != meta["fingerprint"]:
-        raise OccReIDError(
-            f"the sidecar {side.name} describes model {meta['fingerprint']} but {p.name} holds model {fp}: "
-            "the two files come from different exports; export again"
-        )
-    return {"config": meta["config"], "model_meta": meta["model_meta"], "model": state, "export": meta}
-
-
 def load_export(path: Union[str, os.PathLike], device: Union[str, torch.device] = "auto", **kwargs: Any):
     """A :class:`occreid.FeatureExtractor` from a safetensors export (``kwargs`` go to it)."""
-    from .inference import FeatureExtractor
-
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p.with_suffix(".safetensors")
@@ -264,15 +196,16 @@ def export_onnx(
     """
     out = Path(out)
     ex = _extractor(source)
-    module = InferenceModule(ex.model, ex.method, ex.pixel_mean, ex.pixel_std).to(ex.device).eval()
+    get_method(ex.method).check_deployable(ex.model)
+    module = InferenceModule(ex.model, onnx_output_names(ex), ex.pixel_mean, ex.pixel_std).to(ex.device).eval()
     h, w = ex.img_size
     images = torch.rand(batch_size, 3, h, w, device=ex.device)
     args: Tuple[Any, ...] = (images,)
     inputs = ["images"]
-    outputs = onnx_output_names(ex.method)
+    outputs = onnx_output_names(ex)
     if ex.uses_cameras:
         args = (images, torch.zeros(batch_size, dtype=torch.long, device=ex.device))
-        inputs.append("cam_ids")
+        inputs.append("camids")
     dyn = {name: {0: "batch"} for name in inputs + outputs} if dynamic_batch else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -341,7 +274,7 @@ def check_onnx(
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     feed = {"images": images.numpy()}
     if cams is not None:
-        feed["cam_ids"] = cams.numpy().astype(np.int64)
+        feed["camids"] = cams.numpy().astype(np.int64)
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, sess.run(None, feed)))
     missing = sorted(set(ref) - set(got))

@@ -17,6 +17,8 @@ and std), in batches of ``batch_size``.
 The extractor reads an occreid training checkpoint (``model_final.pth``) or a weights export
 (``model.safetensors`` + its JSON sidecar, :func:`occreid.export.export_safetensors`); both
 carry the metadata needed to rebuild the model, so no dataset or config file is required.
+An official TransReID / FED / DPM checkpoint is read too, given the config of its architecture:
+``FeatureExtractor("transformer_150.pth", config="occluded_duke/dpm.yaml")``.
 
 :func:`model_fingerprint` hashes the model description and weights. A gallery index stores it,
 so that searching an index with a different model is caught (:mod:`occreid.retrieval`).
@@ -28,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -35,13 +38,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils.io import OccReIDError
+from .data import build_test_transform
+from .engine.build import model_from_checkpoint
+from .engine.checkpoint import load_checkpoint
+from .engine.official import detect_official_method, load_official_checkpoint, official_state_dict_of, shipped_configs
+from .methods import get_method
+from .utils.device import autocast_context, resolve_amp, resolve_device
+from .utils.io import OccReIDError, read_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureExtractor", "model_fingerprint", "load_model_source", "COLOR_ORDERS"]
+__all__ = ["FeatureExtractor", "model_fingerprint", "load_model_source", "load_safetensors_export", "COLOR_ORDERS"]
 
 COLOR_ORDERS = ("RGB", "BGR")
+
+#: The safetensors weight export (:func:`occreid.export.export_safetensors`): its sidecar format.
+EXPORT_FORMAT = "occreid-export"
+EXPORT_VERSION = 1
+_METADATA_KEY = "occreid"
 
 ImageInput = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
 
@@ -64,12 +78,21 @@ def model_fingerprint(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     return h.hexdigest()[:16]
 
 
-def load_model_source(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
+def load_model_source(
+    source: Union[str, os.PathLike, Mapping[str, Any]],
+    *,
+    config: Optional[Union[str, os.PathLike, Mapping[str, Any]]] = None,
+    memory: Optional[Union[str, os.PathLike]] = None,
+) -> Dict[str, Any]:
     """Read a checkpoint-like dict (``config``, ``model_meta``, ``model``) from a path or dict.
 
     ``*.safetensors`` files are read as occreid weight exports
-    (:func:`occreid.export.load_safetensors_export`); anything else as an occreid checkpoint
-    (:func:`occreid.engine.checkpoint.load_checkpoint`, ``weights_only``).
+    (:func:`load_safetensors_export`); anything else as an occreid checkpoint
+    (:func:`occreid.engine.checkpoint.load_checkpoint`, ``weights_only``) or as an official
+    TransReID / FED / DPM checkpoint (:mod:`occreid.engine.official`). An official file has
+    no occreid metadata: ``config`` (a YAML path, a shipped config name or a loaded config)
+    gives its architecture, and ``memory`` FED's memory file (default: the
+    ``transformermemory_EPOCH.pth`` beside it).
     """
     if isinstance(source, Mapping):
         missing = [k for k in ("config", "model_meta", "model") if k not in source]
@@ -80,29 +103,107 @@ def load_model_source(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dic
         return dict(source)
     path = Path(source)
     if path.suffix == ".safetensors" or path.suffix == ".json" and path.with_suffix(".safetensors").is_file():
-        from .export import load_safetensors_export
-
         return load_safetensors_export(path.with_suffix(".safetensors"))
-    from .engine.checkpoint import load_checkpoint
-
     try:
-        return load_checkpoint(path)
+        ckpt = load_checkpoint(path)
     except OccReIDError:
-        if _is_gallery_index(path):
+        obj = _peek(path)  # only on the error path: what is it, then?
+        if isinstance(obj, dict) and obj.get("format") == "occreid-index":
             raise OccReIDError(
                 f"{path} is a gallery index (written by `occreid index`), not model weights: pass it as "
                 "--index, and the checkpoint it was built with as --weights"
             ) from None
+        official = _official_source(path, obj, config, memory)
+        if official is not None:
+            return official
         raise
+    if memory is not None:
+        raise OccReIDError(
+            f"a memory file ({memory}) is only for official FED checkpoints; {path} is an occreid checkpoint, "
+            "which holds the FED memory itself"
+        )
+    return ckpt
 
 
-def _is_gallery_index(path: Path) -> bool:
-    """Only on the error path: is this file an occreid gallery index?"""
+def _official_source(path: Path, obj: Any, config: Any, memory: Any) -> Optional[Dict[str, Any]]:
+    """``obj`` (the content of ``path``) read as an official checkpoint, or ``None`` if it is not one."""
+    sd = official_state_dict_of(obj)
+    if sd is None:
+        return None
+    if config is None:
+        try:
+            method = detect_official_method(sd)
+        except OccReIDError:  # base.* keys of no known method: the caller's error says what it looks like
+            return None
+        shipped = [c for c in shipped_configs(method) if not c.startswith("synthocc/")]
+        raise OccReIDError(
+            f"{path} is an official {method} checkpoint: it carries no occreid metadata, so the config of its "
+            f"architecture is needed: pass --config (a config with model.name={method}"
+            + (f", e.g. the shipped {' or '.join(shipped[:4])}" if shipped else "")
+            + ") or FeatureExtractor(path, config=...)"
+        )
+    return load_official_checkpoint(path, config, memory=memory, obj=obj)
+
+
+def _peek(path: Path) -> Any:
+    """The content of a file that is no occreid checkpoint (``None`` when it does not load)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        return False
-    return isinstance(obj, dict) and obj.get("format") == "occreid-index"
+        return None
+
+
+def _sidecar_path(path: Path) -> Path:
+    """``model.safetensors`` -> ``model.json``; ``reid.onnx`` -> ``reid.onnx.json``."""
+    if path.suffix == ".safetensors":
+        return path.with_suffix(".json")
+    return path.with_name(path.name + ".json")
+
+
+def load_safetensors_export(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a safetensors export as a checkpoint-like dict (``config``, ``model_meta``, ``model``).
+
+    The sidecar ``<name>.json`` is used when present, else the metadata embedded in the file.
+    Raises :class:`OccReIDError` for files that are not occreid exports and for a sidecar that
+    does not describe these weights.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise OccReIDError(f"weights file not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            embedded = (fh.metadata() or {}).get(_METADATA_KEY)
+        state = load_file(str(p))
+    except Exception as exc:  # safetensors raises its own error types (SafetensorError, ...)
+        raise OccReIDError(f"cannot read {p} as safetensors: {exc}") from None
+    side = _sidecar_path(p)
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise OccReIDError(f"sidecar {side} is not valid JSON: {exc}") from None
+    elif embedded:
+        meta = json.loads(embedded)
+    else:
+        raise OccReIDError(
+            f"{p} is not an occreid export: it has no occreid metadata and no sidecar {side.name}. "
+            "Export weights with `occreid export --weights CKPT --format safetensors`; ImageNet "
+            "backbone weights go to training as model.pretrained=PATH"
+        )
+    if meta.get("format") != EXPORT_FORMAT:
+        raise OccReIDError(f"{side if side.is_file() else p}: not an occreid export sidecar (format {meta.get('format')!r})")
+    if int(meta.get("version", 0)) > EXPORT_VERSION:
+        raise OccReIDError(f"{p} was exported by a newer occreid (version {meta['version']}); upgrade occreid")
+    fp = model_fingerprint(meta["model_meta"], state)
+    if meta.get("fingerprint") and fp != meta["fingerprint"]:
+        raise OccReIDError(
+            f"the sidecar {side.name} describes model {meta['fingerprint']} but {p.name} holds model {fp}: "
+            "the two files come from different exports; export again"
+        )
+    return {"config": meta["config"], "model_meta": meta["model_meta"], "model": state, "export": meta}
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -123,8 +224,6 @@ class _Inputs(torch.utils.data.Dataset):
 def to_pil(item: Any, color: str = "RGB", index: Optional[int] = None):
     """One input (path, PIL image, ``uint8`` array ``[H, W, 3]`` in ``color`` order) as an RGB PIL image."""
     from PIL import Image
-
-    from .utils.io import read_image
 
     where = f" (input {index})" if index is not None else ""
     if isinstance(item, (str, os.PathLike)):
@@ -181,11 +280,16 @@ class FeatureExtractor:
 
     Args:
         checkpoint: ``model_final.pth`` (or any occreid checkpoint), a ``.safetensors`` weight
-            export with its JSON sidecar, or an already loaded checkpoint dict.
+            export with its JSON sidecar, an official TransReID / FED / DPM checkpoint (with
+            ``config``), or an already loaded checkpoint dict.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
         batch_size: images per forward pass.
         num_workers: DataLoader workers that decode and resize images (0: in this process).
         amp: ``"fp32"`` (default), ``"bf16"``, ``"fp16"`` or ``"auto"`` (bf16 on capable GPUs).
+        config: for an official TransReID / FED / DPM checkpoint (which has no occreid
+            metadata): the config of its architecture, e.g. ``"occluded_duke/dpm.yaml"``.
+        memory: for an official FED checkpoint: its memory file (default: the
+            ``transformermemory_EPOCH.pth`` beside it, if any).
 
     Attributes:
         method, backbone: what the checkpoint holds (``"baseline"``, ``"fed"``, ``"dpm"``).
@@ -208,13 +312,12 @@ class FeatureExtractor:
         batch_size: int = 64,
         num_workers: int = 0,
         amp: str = "fp32",
+        config: Optional[Union[str, os.PathLike, Mapping[str, Any]]] = None,
+        memory: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
-        from .data import build_test_transform
-        from .engine.build import model_from_checkpoint, resolve_amp, resolve_device
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ckpt = load_model_source(checkpoint)
+        ckpt = load_model_source(checkpoint, config=config, memory=memory)
         self.source = None if isinstance(checkpoint, Mapping) else str(checkpoint)
         self.meta: Dict[str, Any] = dict(ckpt["model_meta"])
         self.config: Dict[str, Any] = ckpt["config"]
@@ -223,6 +326,9 @@ class FeatureExtractor:
         self.model = model_from_checkpoint(ckpt, self.device)
         self.fingerprint = model_fingerprint(self.meta, ckpt["model"])
         self.method: str = self.meta["method"]
+        self.spec = get_method(self.method)
+        #: the model's eval outputs, ``"feat"`` first (what :meth:`extract` returns)
+        self.outputs: Dict[str, Dict[str, Any]] = self.spec.eval_outputs(self.model)
         self.backbone: str = self.meta["backbone"]
         self.feature_dim: int = int(self.meta.get("feature_dim") or getattr(self.model, "feature_dim"))
         self.img_size = tuple(int(s) for s in self.meta["img_size"])
@@ -239,8 +345,8 @@ class FeatureExtractor:
     # ----------------------------------------------------------------------------- info
     @property
     def uses_cameras(self) -> bool:
-        """True when the model has SIE camera embeddings and so needs ``cam_ids``."""
-        return getattr(getattr(self.model, "base", getattr(self.model, "backbone", None)), "sie_embed", None) is not None
+        """True when the model has SIE camera embeddings and so needs ``camids``."""
+        return getattr(self.spec.backbone_of(self.model), "sie_embed", None) is not None
 
     @property
     def retrieval(self) -> Dict[str, Any]:
@@ -249,13 +355,12 @@ class FeatureExtractor:
         ``{"distance": "cosine"}``, or for DPM ``{"distance": "dpm_masked_cosine",
         "mask_norm": ..., "mask_query": ...}`` (dpm-official.md §7).
         """
-        if self.method == "dpm":
-            return {
-                "distance": "dpm_masked_cosine",
-                "mask_norm": str(getattr(self.model, "mask_norm", "mask_then_normalize")),
-                "mask_query": bool(getattr(self.model, "mask_feature", False)),
-            }
-        return {"distance": "cosine"}
+        return self.spec.retrieval(self.model)
+
+    def retrieval_distance(self, query: Mapping[str, torch.Tensor], gallery: Mapping[str, torch.Tensor]):
+        """The method's own query-gallery distance for :meth:`extract` outputs (DPM's query
+        mask), or ``None`` for the plain distance (``distance=`` of the evaluator)."""
+        return self.spec.retrieval_distance(self.model, query, gallery)
 
     def __repr__(self) -> str:
         return (
@@ -273,31 +378,28 @@ class FeatureExtractor:
         return torch.stack([self.transform(to_pil(x, color, i)) for i, x in enumerate(items)])
 
     @torch.inference_mode()
-    def forward_batch(self, batch: torch.Tensor, cam_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward_batch(self, batch: torch.Tensor, camids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Run the model on a preprocessed batch ``[B, 3, H, W]``; features L2-normalised, float32."""
-        from .evaluation.extract import autocast_context
-
         x = batch.to(self.device)
-        cams = None if cam_ids is None else torch.as_tensor(cam_ids).to(self.device).long()
+        cams = None if camids is None else torch.as_tensor(camids).to(self.device).long()
         with autocast_context(self.device, self.amp):
-            if self.method == "fed":
-                out = self.model.forward_features(x, cams)
-                out = {"feat": out["feat"], "part_scores": out["part_scores"]}
-            else:
-                out = self.model(x, cam_ids=cams)
-        if isinstance(out, torch.Tensor):
-            out = {"feat": out}
-        res = {k: v.float() for k, v in out.items() if isinstance(v, torch.Tensor)}
+            out = self.model(x, cam_ids=cams)
+        res = {k: out[k].float() for k in self.outputs}
         res["feat"] = F.normalize(res["feat"], dim=1)
         return res
+
+    def output_shapes(self) -> Dict[str, tuple]:
+        """Per-image shape of each output (``"feat"``: ``(D,)``)."""
+        return {k: tuple(v.shape[1:]) for k, v in self._empty().items()}
 
     def extract(
         self,
         images: Any,
         *,
         color: str = "RGB",
-        cam_ids: Optional[Sequence[int]] = None,
+        camids: Optional[Sequence[int]] = None,
         batch_size: Optional[int] = None,
+        cam_ids: Optional[Sequence[int]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Features (and the model's extras) for ``images``, as float32 CPU tensors.
 
@@ -306,17 +408,22 @@ class FeatureExtractor:
                 stack ``[N, H, W, 3]``.
             color: channel order of array inputs, ``"RGB"`` or ``"BGR"`` (paths and PIL images
                 are always decoded to RGB).
-            cam_ids: 0-based camera id per image; required only by SIE models.
+            camids: 0-based camera id per image; required only by SIE models (the spelling of
+                camera ids across occreid's API: records, batches, indexes, metrics).
             batch_size: overrides the extractor's batch size.
+            cam_ids: the former name of ``camids`` (deprecated).
         """
+        if cam_ids is not None:
+            warnings.warn("extract(cam_ids=...) is deprecated: pass camids=...", DeprecationWarning, stacklevel=2)
+            camids = cam_ids if camids is None else camids
         items = _as_list(images)
         color = _check_color(color)
         n = len(items)
         cams = None
-        if cam_ids is not None:
-            cams = torch.as_tensor(list(cam_ids) if not isinstance(cam_ids, torch.Tensor) else cam_ids).long()
+        if camids is not None:
+            cams = torch.as_tensor(list(camids) if not isinstance(camids, torch.Tensor) else camids).long()
             if cams.shape != (n,):
-                raise OccReIDError(f"expected one camera id per image ({n}), got cam_ids of shape {tuple(cams.shape)}")
+                raise OccReIDError(f"expected one camera id per image ({n}), got camids of shape {tuple(cams.shape)}")
         if n == 0:
             return self._empty()
         bs = int(batch_size or self.batch_size)

@@ -9,60 +9,42 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..config import DEFAULTS
+from ..data import (
+    ImageDataset,
+    RandomIdentitySampler,
+    build_dataset,
+    build_test_transform,
+    build_train_transform,
+)
+from ..data.npo import NPOTransform, build_npo_common_transform, find_occluder_folder
+from ..data.synthetic import ensure_synthocc
+from ..methods import MethodSpec, get_method
+from ..methods import build_model as build_method_model
+from ..utils import distributed as du
+from ..utils.device import resolve_amp, resolve_device  # noqa: F401  (re-exported for the CLI)
 from ..utils.io import OccReIDError
-from . import distributed as du
+from .checkpoint import load_model_state
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec in (None, "auto"):
-        if torch.cuda.is_available():
-            import os
-
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OccReIDError(f"device {spec!r} requested but CUDA is not available; use device=cpu")
-    return dev
-
-
-def resolve_amp(spec: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype (None = fp32)."""
-    if spec == "fp32":
-        return None
-    if spec == "bf16":
-        return torch.bfloat16
-    if spec == "fp16":
-        return torch.float16
-    # auto: bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 autocast is slow on many CPUs)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def _dataset_root(cfg: Dict[str, Any], name: str, root: str) -> str:
-    """For SynthOcc, generate the dataset on first use."""
+    """For SynthOcc, the folder holding the preset and seed the config asks for (generated on
+    first use where allowed, see :func:`occreid.data.synthetic.ensure_synthocc`)."""
     if name.lower() != "synthocc":
         return root
-    from ..data.synthetic import generate_synthocc
-
-    target = Path(root)
-    if not (target / "bounding_box_train").is_dir():
-        target = target / "SynthOcc"
-    if not (target / "synthocc.json").is_file():
-        if du.is_main():
-            logger.info("generating SynthOcc (%s preset) in %s", cfg["data"]["synth_preset"], target)
-            generate_synthocc(target, preset=cfg["data"]["synth_preset"], seed=int(cfg["data"]["synth_seed"]))
-        du.barrier()
+    preset, seed = cfg["data"]["synth_preset"], int(cfg["data"]["synth_seed"])
+    if du.is_main():
+        target = ensure_synthocc(root, preset, seed)
+    du.barrier()
+    if not du.is_main():  # the main process generated it, if that was needed
+        target = ensure_synthocc(root, preset, seed, allow_generate=False)
     return str(target)
 
 
 def build_datasets(cfg: Dict[str, Any]):
     """Returns ``(train_dataset, test_dataset)`` (the same object unless ``data.test_name``)."""
-    from ..data import build_dataset
-
     d = cfg["data"]
     kwargs = dict(d.get("kwargs") or {})
     train_ds = build_dataset(d["name"], _dataset_root(cfg, d["name"], d["root"]), **kwargs)
@@ -93,23 +75,28 @@ def _occluder_folders(value: Any, data_root: str):
     return one(value)
 
 
+def method_spec(cfg: Dict[str, Any]) -> MethodSpec:
+    """The spec of the config's ``model.name``."""
+    return get_method(cfg["model"]["name"])
+
+
 def use_npo(cfg: Dict[str, Any]) -> bool:
-    """Whether training batches are FED's 7-channel NPO samples (``data.npo``: ``auto`` = FED)."""
+    """Whether training batches are FED's 7-channel NPO samples (``data.npo``: ``auto`` = what
+    the method requires)."""
+    spec = method_spec(cfg)
     npo = cfg["data"].get("npo", "auto")
     if npo == "auto":
-        return cfg["model"]["name"] == "fed"
+        return spec.npo == "required"
     if not isinstance(npo, bool):
         raise OccReIDError(f"data.npo must be auto, true or false, got {npo!r}")
-    if not npo and cfg["model"]["name"] == "fed":
-        raise OccReIDError("FED trains on NPO samples: data.npo=false is not possible with model.name=fed")
-    if npo and cfg["model"]["name"] not in ("fed", "baseline"):
-        raise OccReIDError(f"data.npo=true works with the fed and baseline models, not {cfg['model']['name']!r}")
+    if not npo and spec.npo == "required":
+        raise OccReIDError(f"{spec.name} trains on NPO samples: data.npo=false is not possible with model.name={spec.name}")
+    if npo and spec.npo == "unsupported":
+        raise OccReIDError(f"data.npo=true is not supported by method {spec.name!r} (it trains on RGB images)")
     return npo
 
 
 def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
-    from ..data import ImageDataset, RandomIdentitySampler, build_train_transform
-
     d, s = cfg["data"], cfg["solver"]
     if not dataset.train:
         raise OccReIDError(
@@ -120,8 +107,6 @@ def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
     jitter = tuple(d["color_jitter"]) if d.get("color_jitter") else None
     if use_npo(cfg):
         # FED trains on 7-channel samples: clean view, NPO-occluded view, |difference|.
-        from ..data.npo import NPOTransform, build_npo_common_transform, find_occluder_folder
-
         folder = _occluder_folders(d.get("occluders"), d["root"]) or find_occluder_folder(dataset.root)
         transform = NPOTransform(
             folder,
@@ -169,8 +154,6 @@ def build_train_loader(cfg: Dict[str, Any], dataset, seed: int):
 
 def build_test_loader(cfg: Dict[str, Any], records, shard: bool = True):
     """Loader over ``records`` (query + gallery). Under DDP each rank gets a contiguous shard."""
-    from ..data import ImageDataset, build_test_transform
-
     d = cfg["data"]
     transform = build_test_transform(
         tuple(d["size_test"]), mean=tuple(d["pixel_mean"]), std=tuple(d["pixel_std"])
@@ -190,10 +173,11 @@ def build_test_loader(cfg: Dict[str, Any], records, shard: bool = True):
 
 
 def model_meta(cfg: Dict[str, Any], num_classes: int, num_cameras: int, feature_dim: int) -> Dict[str, Any]:
-    """What is needed to rebuild the inference model from a checkpoint alone."""
+    """What is needed to rebuild the inference model from a checkpoint alone (``options``:
+    the method options the model was built with, after resolution)."""
     m, d = cfg["model"], cfg["data"]
     return {
-        "method": m["name"],
+        "method": method_spec(cfg).name,
         "backbone": m["backbone"],
         "img_size": list(d["size_test"]),
         "stride": m["stride"],
@@ -206,17 +190,22 @@ def model_meta(cfg: Dict[str, Any], num_classes: int, num_cameras: int, feature_
         "pixel_std": list(d["pixel_std"]),
         "feature_dim": int(feature_dim),
         "kwargs": dict(m.get("kwargs") or {}),
+        "options": method_options(cfg),
     }
 
 
-def build_model(cfg: Dict[str, Any], num_classes: int, num_cameras: int, *, with_pretrained: bool = True) -> nn.Module:
-    from ..models import build_model as _build
+def method_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The options the config's method is built with (shared ``model.*`` keys it has, and
+    ``model.kwargs``), checked by name and type."""
+    return method_spec(cfg).resolve_options(cfg["model"], DEFAULTS["model"])
 
+
+def build_model(cfg: Dict[str, Any], num_classes: int, num_cameras: int, *, with_pretrained: bool = True) -> nn.Module:
     m, d = cfg["model"], cfg["data"]
     if tuple(d["size_train"]) != tuple(d["size_test"]):
         raise OccReIDError("data.size_train and data.size_test must be equal for a ViT with learned positions")
-    kwargs = dict(m.get("kwargs") or {})
-    base_args = dict(
+    return build_method_model(
+        m["name"],
         num_classes=num_classes,
         num_cameras=num_cameras if m["sie_camera"] else 0,
         sie_camera=bool(m["sie_camera"]),
@@ -227,29 +216,21 @@ def build_model(cfg: Dict[str, Any], num_classes: int, num_cameras: int, *, with
         drop_path=m["drop_path"],
         pretrained=m["pretrained"] if with_pretrained else None,
         backbone_kwargs=dict(
-            drop_rate=m["drop_rate"], attn_drop_rate=m["attn_drop_rate"], fused_attn=m["fused_attn"]
+            drop_rate=m["drop_rate"], attn_drop_rate=m["attn_drop_rate"], fused_attn=m["fused_attn"],
+            grad_checkpointing=bool(m.get("grad_checkpointing", False)),
         ),
+        **method_options(cfg),
     )
-    if m["name"] == "baseline":
-        kwargs.update(
-            neck_feat=m["neck_feat"],
-            label_smoothing=m["label_smoothing"],
-            triplet_margin=m["triplet_margin"],
-            id_loss_weight=m["id_loss_weight"],
-            triplet_loss_weight=m["triplet_loss_weight"],
-        )
-    try:
-        return _build(m["name"], **base_args, **kwargs)
-    except TypeError as exc:
-        raise OccReIDError(f"bad arguments for model {m['name']!r}: {exc}") from None
 
 
-def model_from_checkpoint(ckpt: Dict[str, Any], device: torch.device = torch.device("cpu")) -> nn.Module:
-    """Rebuild the model described by a checkpoint's metadata and load its weights."""
-    from .checkpoint import load_model_state
+def model_from_checkpoint(
+    ckpt: Dict[str, Any], device: torch.device = torch.device("cpu"), cfg: Optional[Dict[str, Any]] = None
+) -> nn.Module:
+    """Rebuild the model described by a checkpoint's metadata and load its weights.
 
-    cfg = ckpt["config"]
+    ``cfg``: the config to build from (default: the checkpoint's own), e.g. the checkpoint's
+    config with a user's test-time overrides such as ``model.neck_feat=after``."""
     meta = ckpt["model_meta"]
-    model = build_model(cfg, meta["num_classes"], meta["num_cameras"], with_pretrained=False)
+    model = build_model(cfg or ckpt["config"], meta["num_classes"], meta["num_cameras"], with_pretrained=False)
     load_model_state(model, ckpt["model"], "checkpoint")
     return model.to(device).eval()

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..utils.io import OccReIDError, atomic_save
+from ..utils.io import OccReIDError, atomic_save, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "occreid-checkpoint"
 VERSION = 1
+_EXPECTED = "OUTPUT/model_final.pth, or OUTPUT/last.pth to resume"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -109,22 +110,22 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     p = Path(path)
     if not p.is_file():
         raise OccReIDError(f"checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling errors of many kinds
-        raise OccReIDError(
-            f"cannot read checkpoint {p}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "Expected a file written by occreid (train/last.pth or model_final.pth)."
-        ) from None
+    obj = safe_torch_load(p, "checkpoint", f"a file written by occreid train ({_EXPECTED})", map_location)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         hint = ""
         if isinstance(obj, dict) and any(str(k).startswith(("base.", "module.base.")) for k in obj):
-            hint = " It looks like an official TransReID/FED/DPM checkpoint; those are not loaded as --weights."
+            hint = (
+                " It looks like an official TransReID/FED/DPM checkpoint: evaluate or export it with --weights "
+                "together with --config (the config of its architecture, e.g. occluded_duke/dpm.yaml), or in "
+                "Python with FeatureExtractor(path, config=...); it cannot resume an occreid run."
+            )
         elif isinstance(obj, dict) and (
             "pos_embed" in obj or (isinstance(obj.get("model"), dict) and "pos_embed" in obj["model"])
         ):
             hint = " It looks like ImageNet backbone weights: pass them as model.pretrained=PATH for training."
-        raise OccReIDError(f"{p} is not an occreid checkpoint.{hint}")
+        if not hint and isinstance(obj, dict) and obj.get("format") == "occreid-index":
+            hint = " It is a gallery index (written by `occreid index`): pass it as --index."
+        raise OccReIDError(f"{p} is not an occreid checkpoint.{hint} Expected {_EXPECTED}.")
     return obj
 
 

@@ -1,13 +1,9 @@
 """The training loop: PK batches, SGD + warm-up cosine, AMP, DDP, checkpoints, evaluation, logs.
 
-Method hooks (all optional, looked up on the unwrapped model):
-
-* ``on_train_start(trainer)``: e.g. FED's memory initialisation pass.
-* ``configure_optimizers(solver_cfg, named_parameters) -> (optimizers, schedulers)``: e.g. DPM's
-  two optimisers. Default: one SGD optimiser with the TransReID parameter groups.
-* ``training_step(trainer, batch) -> dict[str, float]``: a complete custom step (DPM's two-step
-  update). Default: forward under autocast, ``loss``, backward, step.
-* ``after_optimizer_step(outputs, batch)``: e.g. FED's memory update.
+Everything method-specific comes from the method's spec (:mod:`occreid.methods`): the
+optimisers (:meth:`~occreid.methods.MethodSpec.param_sets`), the work before the first epoch
+(FED's memory initialisation) and the iteration, run by the engine's one
+:class:`~occreid.engine.step.TrainStep`.
 
 Determinism: at the start of every epoch the Python, NumPy and torch generators are reseeded
 from ``(seed, epoch)`` and the PK sampler is a pure function of ``(seed, epoch)``, so a run
@@ -30,19 +26,22 @@ import torch
 from torch import nn
 
 from ..config import dump_config
+from ..evaluation.extract import evaluate_features, extract_features, split_query_gallery
+from ..utils import distributed as du
+from ..utils.device import autocast_context, resolve_amp, resolve_device
 from ..utils.io import OccReIDError, atomic_write_text
-from . import distributed as du
 from .build import (
     build_datasets,
     build_model,
     build_test_loader,
     build_train_loader,
+    method_spec,
     model_meta,
-    resolve_amp,
-    resolve_device,
 )
 from .checkpoint import load_checkpoint, restore_training_state, save_checkpoint, unwrap
-from .solver import WarmupCosineLR, build_optimizer
+from .rundir import trim_log
+from .curves import plot_training_log
+from .step import TrainStep, build_method_optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -99,29 +98,10 @@ class Trainer:
         self.query = list(self.test_ds.query)
         self.gallery = list(self.test_ds.gallery)
 
+        self.spec = method_spec(cfg)
         model = build_model(cfg, self.num_classes, self.num_cameras).to(self.device)
         self.model_meta = model_meta(cfg, self.num_classes, self.num_cameras, getattr(model, "feature_dim", 0))
-        hook = getattr(model, "configure_optimizers", None)
-        if hook is not None:
-            self.optimizers, self.schedulers = hook(s, list(model.named_parameters()))
-        else:
-            opt = build_optimizer(
-                model.named_parameters(),
-                s["optimizer"],
-                base_lr=s["base_lr"],
-                weight_decay=s["weight_decay"],
-                bias_lr_factor=s["bias_lr_factor"],
-                weight_decay_bias=s["weight_decay_bias"],
-                momentum=s["momentum"],
-            )
-            sched = WarmupCosineLR(
-                opt,
-                max_epochs=s["max_epochs"],
-                warmup_epochs=s["warmup_epochs"],
-                warmup_lr=s["warmup_lr_factor"] * s["base_lr"],
-                min_lr=s["min_lr_factor"] * s["base_lr"],
-            )
-            self.optimizers, self.schedulers = [opt], [sched]
+        self.optimizers, self.schedulers = build_method_optimizers(self.spec, model, s)
         # fp16: dynamic loss scaling; starting at 2**10 rather than 2**16 skips fewer early steps
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**10, enabled=self.amp == torch.float16)
 
@@ -130,10 +110,21 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(getattr(model, "ddp_find_unused_parameters", False)),
+                find_unused_parameters=self.spec.ddp_find_unused_parameters,
             )
         if s["compile"]:
             self.model = torch.compile(self.model)
+        self.step = TrainStep(
+            self.spec,
+            model,
+            self.optimizers,
+            forward=self.model,
+            device=self.device,
+            amp=self.amp,
+            scaler=self.scaler,
+            grad_clip=s["grad_clip"],
+            accum_steps=int(s["accum_steps"]),
+        )
 
         self.start_epoch = 1
         self.last_metrics: Optional[Dict[str, Any]] = None
@@ -164,81 +155,34 @@ class Trainer:
         return unwrap(self.model)
 
     def autocast(self):
-        from ..evaluation.extract import autocast_context
-
         return autocast_context(self.device, self.amp)
 
     def to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
-    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params=None) -> None:
-        """Scaled backward + (optional) gradient clipping + optimiser step (for custom steps)."""
-        self.scaler.scale(loss).backward()
-        self._clip_and_step(optimizer, params)
-
-    def default_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
-        """Forward, loss, backward, step. With ``solver.accum_steps = k`` the batch is split into
-        k contiguous shares (whole identities, as the PK sampler lays them out) whose gradients are
-        accumulated; this is exactly what k DDP processes compute for the same global batch."""
-        m = self.unwrapped
-        opt = self.optimizers[0]
-        opt.zero_grad(set_to_none=True)
-        k = int(self.cfg["solver"]["accum_steps"])
-        n = batch["images"].shape[0]
-        sums: Dict[str, float] = {}
-        for i in range(k):
-            sl = slice(i * n // k, (i + 1) * n // k)
-            with self.autocast():
-                outputs = self.model(batch["images"][sl], cam_ids=batch["camids"][sl])
-                losses = m.loss(outputs, batch["pids"][sl])
-            total = sum(losses.values())
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"non-finite loss {total.item()} ({ {kk: float(v) for kk, v in losses.items()} })"
-                )
-            self.scaler.scale(total / k).backward()
-            for kk, v in losses.items():
-                sums[kk] = sums.get(kk, 0.0) + float(v.detach()) / k
-            sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / k
-        self._clip_and_step(opt)
-        after = getattr(m, "after_optimizer_step", None)
-        if after is not None:
-            after(outputs, batch)
-        return sums
-
-    def _clip_and_step(self, optimizer: torch.optim.Optimizer, params=None) -> None:
-        clip = self.cfg["solver"]["grad_clip"]
-        if clip:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                params if params is not None else [p for g in optimizer.param_groups for p in g["params"]], clip
-            )
-        self.scaler.step(optimizer)
-        self.scaler.update()
+    def train_eval_loader(self):
+        """A loader over the training images with the test transform (FED's memory init)."""
+        return build_test_loader(self.cfg, self.train_ds.train)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Optional[Dict[str, Any]]:
         s = self.cfg["solver"]
         max_epochs = int(s["max_epochs"])
         m = self.unwrapped
-        if self.start_epoch > max_epochs:
+        if self.start_epoch > max_epochs and (self.output_dir / "model_final.pth").is_file():  # else: killed before it
             logger.info("training already finished (%d epochs)", max_epochs)
             return self.last_metrics
-        start_hook = getattr(m, "on_train_start", None)
-        if start_hook is not None:
-            start_hook(self)
+        self.spec.on_train_start(m, self.train_eval_loader, self.device)
         if du.is_main():
             atomic_write_text(dump_config(self.cfg), self.output_dir / "config.yaml")
+            trim_log(self.output_dir / "log.jsonl", self.start_epoch)  # a new run starts a fresh log
             logger.info(
                 "training %s on %s: %d ids, %d images, %d cameras; %d epochs, batch %d, device %s, amp %s, world %d",
-                self.cfg["model"]["name"], self.train_ds.name, self.num_classes, len(self.train_ds.train),
+                self.spec.name, self.train_ds.name, self.num_classes, len(self.train_ds.train),
                 self.num_cameras, max_epochs, s["ims_per_batch"], self.device,
                 self.amp or "fp32", self.world,
             )
         metrics = self.last_metrics
-        custom_step = getattr(m, "training_step", None)
-        if int(s["accum_steps"]) > 1 and (custom_step is not None or hasattr(m, "after_optimizer_step")):
-            raise OccReIDError(f"solver.accum_steps > 1 is not supported by model {self.cfg['model']['name']!r}")
         for epoch in range(self.start_epoch, max_epochs + 1):
             seed_everything(epoch_seed(self.seed, epoch, self.rank))
             for sch in self.schedulers:
@@ -251,7 +195,7 @@ class Trainer:
             bar = Progress(len(self.train_loader), f"epoch {epoch}/{max_epochs}", self.show_progress)
             for batch in self.train_loader:
                 batch = self.to_device(batch)
-                stats = custom_step(self, batch) if custom_step is not None else self.default_step(batch)
+                stats = self.step(batch)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_iter += 1
@@ -324,8 +268,6 @@ class Trainer:
 
     def _plot_curves(self) -> None:
         try:
-            from ..viz.curves import plot_training_log
-
             plot_training_log(self.output_dir / "log.jsonl", self.output_dir / "curves.png")
         except Exception as exc:  # plotting must never lose a finished run
             logger.warning("could not draw training curves: %s", exc)
@@ -337,7 +279,7 @@ class Trainer:
         )
         metrics.update(
             dataset=self.test_ds.name,
-            method=self.cfg["model"]["name"],
+            method=self.spec.name,
             epoch=epoch,
             checkpoint=str(self.output_dir / "last.pth"),
         )
@@ -348,8 +290,6 @@ class Trainer:
 
 def evaluate_model(model, cfg, test_ds, device, amp, query=None, gallery=None) -> Dict[str, Any]:
     """Extract query+gallery features (sharded under DDP) and compute metrics on every rank."""
-    from ..evaluation.extract import evaluate_features, extract_features, split_query_gallery
-
     query = list(test_ds.query if query is None else query)
     gallery = list(test_ds.gallery if gallery is None else gallery)
     t = cfg["test"]
@@ -361,7 +301,7 @@ def evaluate_model(model, cfg, test_ds, device, amp, query=None, gallery=None) -
     metrics = evaluate_features(
         q,
         g,
-        model=model,
+        distance=lambda qq, gg: method_spec(cfg).retrieval_distance(unwrap(model), qq, gg),
         feat_norm=bool(t["feat_norm"]),
         metric=t["metric"],
         max_rank=int(t["max_rank"]),

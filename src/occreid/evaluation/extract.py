@@ -1,33 +1,32 @@
 """Feature extraction over a loader and end-to-end evaluation of a model on query/gallery.
 
-The model contract: in eval mode ``model(images, cam_ids=...)`` returns a feature tensor
-``[B, D]``, or a dict with key ``"feat"`` plus extras (e.g. DPM's ``"mask"``). A model that
-defines ``retrieval_distance(query: dict, gallery: dict)`` provides its own (possibly
-query-conditioned) distance, returned as a matrix or a block callable accepted by
-:func:`occreid.evaluation.evaluate_rank`.
+The model contract (:mod:`occreid.methods`): in eval mode ``model(images, cam_ids=...)``
+returns a mapping with key ``"feat"`` plus named extras (e.g. DPM's ``"mask"``). A method
+with a distance of its own (DPM's query mask) passes it as ``distance(query, gallery)``,
+returning a matrix, a block callable accepted by :func:`occreid.evaluation.evaluate_rank`,
+or ``None`` for the plain distance.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..engine import distributed as du
+from ..data.base import OCCLUSION_TYPES
+from ..utils import distributed as du
+from ..utils.device import autocast_context
+from .distance import compute_distance
+from .rank import evaluate_rank
+from .rerank import re_ranking as rerank_fn
 
 logger = logging.getLogger(__name__)
 
-OCCLUSION_GROUPS = ("holistic", "npo", "ntp")
-
-
-def autocast_context(device: torch.device, amp: Optional[torch.dtype]):
-    if amp is None or amp == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
+#: The occlusion types reported per group (one constant for loaders, SynthOcc and metrics).
+OCCLUSION_GROUPS = OCCLUSION_TYPES
 
 
 @torch.inference_mode()
@@ -52,8 +51,8 @@ def extract_features(
         cams = batch["camids"].to(device) if use_cameras else None
         with autocast_context(device, amp):
             out = model(images, cam_ids=cams)
-        if isinstance(out, torch.Tensor):
-            out = {"feat": out}
+        if not isinstance(out, Mapping) or "feat" not in out:
+            raise TypeError(f"{type(model).__name__} in eval mode must return a mapping with 'feat', got {type(out).__name__}")
         for k, v in out.items():
             if isinstance(v, torch.Tensor):
                 outs.setdefault(k, []).append(v.detach().float().cpu())
@@ -79,19 +78,17 @@ def query_gallery_distance(
     query: Dict[str, torch.Tensor],
     gallery: Dict[str, torch.Tensor],
     *,
-    model: Optional[nn.Module] = None,
+    distance: Optional[Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Any]] = None,
     feat_norm: bool = True,
     metric: str = "euclidean",
     re_ranking: bool = False,
     rerank_params: Sequence[float] = (20, 6, 0.3),
 ):
-    """The model's own distance (``retrieval_distance``: a matrix or a block callable) when it
-    defines one, else ``metric`` on (L2-normalised) features, optionally k-reciprocal re-ranked."""
-    from . import compute_distance, re_ranking as rerank_fn
-
-    custom = getattr(model, "retrieval_distance", None) if model is not None else None
-    if custom is not None:
-        dist = custom(query, gallery)  # None: the model has no distance of its own here
+    """The method's own distance (``distance(query, gallery)``: a matrix or a block callable)
+    when it gives one, else ``metric`` on (L2-normalised) features, optionally k-reciprocal
+    re-ranked."""
+    if distance is not None:
+        dist = distance(query, gallery)  # None: the method has no distance of its own here
         if dist is not None:
             return dist
     qf, gf = query["feat"], gallery["feat"]
@@ -108,7 +105,7 @@ def evaluate_features(
     query: Dict[str, torch.Tensor],
     gallery: Dict[str, torch.Tensor],
     *,
-    model: Optional[nn.Module] = None,
+    distance: Optional[Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Any]] = None,
     feat_norm: bool = True,
     metric: str = "euclidean",
     max_rank: int = 50,
@@ -117,10 +114,8 @@ def evaluate_features(
     query_groups: Optional[Sequence[Optional[str]]] = None,
 ) -> Dict[str, Any]:
     """Distances and ranking metrics, overall and per query group (occlusion type)."""
-    from . import evaluate_rank
-
     dist = query_gallery_distance(
-        query, gallery, model=model, feat_norm=feat_norm, metric=metric,
+        query, gallery, distance=distance, feat_norm=feat_norm, metric=metric,
         re_ranking=re_ranking, rerank_params=rerank_params,
     )
     q_pids, g_pids = query["pids"].numpy(), gallery["pids"].numpy()

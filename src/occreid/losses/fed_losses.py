@@ -55,6 +55,8 @@ def memory_contrastive_loss(
     centres: torch.Tensor,
     temperature: float = 0.05,
     eps: float = 1e-6,
+    *,
+    centres_normalized: bool = False,
 ) -> torch.Tensor:
     """Memory contrastive loss (Eq. 9 with cosine similarity), official numerics.
 
@@ -68,6 +70,8 @@ def memory_contrastive_loss(
         x: ``[B, F]`` features (raw; normalised here).
         pids: ``[B]`` identity = row of ``centres``.
         centres: ``[C, F]`` memory centres (raw or normalised; normalised here, detached).
+        centres_normalized: ``centres`` is already ``F.normalize(centres.float(), dim=1)``
+            (e.g. shared by several calls on one bank): used as it is.
     """
     if x.dim() != 2 or centres.dim() != 2 or x.shape[1] != centres.shape[1]:
         raise ValueError(
@@ -75,7 +79,7 @@ def memory_contrastive_loss(
             f"and {tuple(centres.shape)}"
         )
     xn = F.normalize(x.float(), dim=1)
-    cn = F.normalize(centres.detach().float(), dim=1)
+    cn = centres.detach().float() if centres_normalized else F.normalize(centres.detach().float(), dim=1)
     logits = xn @ cn.t() / temperature  # [B, C]
     log_eps = math.log(eps)
     # log(sum_j exp(l_j) + eps) = logsumexp([l_1 .. l_C, log eps])
@@ -109,7 +113,7 @@ def fed_losses(
         weights: ``"official"``, ``"paper"``, ``"no_mse"`` or a dict over the keys of
             :data:`FED_LOSS_WEIGHTS` (missing keys are errors).
 
-    Ablations (:class:`occreid.models.fed.FED` with ``oem=False`` / ``fdm=False``) leave out
+    Ablations (:class:`occreid.methods.fed.FED` with ``oem=False`` / ``fdm=False``) leave out
     ``scores_*`` / the ``*_fdm_*`` outputs; their terms are then absent from the result, as
     are terms of weight 0.
 
@@ -143,9 +147,12 @@ def fed_losses(
     for head in (*centres, "global"):
         for branch in ("clean", "occ"):
             raw[f"id_{head}_{branch}"] = F.cross_entropy(outputs[f"logits_{head}_{branch}"].float(), pids)
+    normalized: Dict[int, torch.Tensor] = {}  # each bank normalised once (official: one shared bank)
     for head, bank in centres.items():
+        if id(bank) not in normalized:
+            normalized[id(bank)] = F.normalize(bank.detach().float(), dim=1)
         for branch in ("clean", "occ"):
             raw[f"mc_{head}_{branch}"] = memory_contrastive_loss(
-                outputs[f"feat_{head}_{branch}"], pids, bank, temperature
+                outputs[f"feat_{head}_{branch}"], pids, normalized[id(bank)], temperature, centres_normalized=True
             )
     return {k: v * w[k] for k, v in raw.items() if w[k]}

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils import OccReIDError
+from ..utils.io import safe_torch_load
 
 __all__ = [
     "LoadReport",
@@ -127,16 +128,9 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Mapping:
             return load_file(str(p), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise OccReIDError(f"cannot read safetensors checkpoint {p}: {exc}") from None
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip / weights-only errors all mean "unreadable here"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OccReIDError(
-            f"cannot read checkpoint {p} with torch.load(weights_only=True): {first}. "
-            "occreid only loads plain tensor checkpoints (no arbitrary pickled objects); "
-            "re-save it as a state dict with torch.save(model.state_dict(), path)"
-        ) from None
+    obj = safe_torch_load(p, "checkpoint", "a plain tensor checkpoint, readable with torch.load(weights_only=True); "
+                          "re-save it as a state dict with torch.save(model.state_dict(), path)",
+                          safe_globals=[argparse.Namespace])
     if not isinstance(obj, Mapping):
         raise OccReIDError(f"checkpoint {p} holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
@@ -304,10 +298,10 @@ def _strict_error(report: LoadReport, model: nn.Module, sd_keys: Sequence[str]) 
     if report.mismatched:
         shown = [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in report.mismatched]
         lines.append(f"  shape mismatch ({len(shown)}): {_format_keys(shown, 20)}")
-    reid_like = sum(k.startswith(("base.", "module.base.")) for k in sd_keys)
+    reid_like = sum(k.startswith(_REID_PREFIXES) for k in sd_keys)
     if reid_like and reid_like >= len(sd_keys) // 2:
         lines.append(
-            "  this looks like a trained occreid/TransReID ReID checkpoint (keys start with base.) "
+            "  this looks like a trained occreid/TransReID ReID checkpoint (keys start with backbone. or base.) "
             "- pass it as --weights, not as pretrained"
         )
     else:
@@ -370,15 +364,23 @@ def load_pretrained(
     return report
 
 
-def backbone_state_from_reid_checkpoint(state_dict: Mapping, prefix: str = "base.") -> StateDict:
+#: Key prefixes of the backbone inside trained ReID models (occreid: ``backbone.``; TransReID,
+#: FED and DPM: ``base.``), with or without DDP's ``module.``.
+_REID_PREFIXES = ("backbone.", "base.", "module.backbone.", "module.base.")
+
+
+def backbone_state_from_reid_checkpoint(state_dict: Mapping, prefix: Optional[str] = None) -> StateDict:
     """Extract the backbone tensors from a trained TransReID/occreid ReID checkpoint.
 
-    Keeps ``base.*`` keys (``module.`` stripped first) without the prefix and drops the unused
+    Keeps the ``prefix`` keys (default: ``backbone.`` of occreid models, else TransReID's
+    ``base.``; ``module.`` stripped first) without the prefix and drops the unused
     ImageNet ``fc.*`` that TransReID keeps inside its backbone. ``sie_embed`` is kept.
     The result loads into a ViTBackbone of the same variant, img_size and stride with
     ``backbone.load_state_dict(...)`` (or :func:`load_pretrained`).
     """
     sd = _unwrap(state_dict)
+    if prefix is None:  # occreid's backbone.* or the official base.*
+        prefix = "backbone." if any(k.startswith("backbone.") for k in sd) else "base."
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not out:
         raise OccReIDError(f"no keys start with {prefix!r}: this is not a trained TransReID/occreid checkpoint")

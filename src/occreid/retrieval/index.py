@@ -46,7 +46,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..utils.io import OccReIDError, atomic_save
+from ..data.base import IMAGE_EXTENSIONS, MARKET_NAME_RE
+from ..utils.io import OccReIDError, atomic_save, read_image, safe_torch_load
+from .faiss_backend import FaissSearcher, faiss_available
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +250,6 @@ class SearchResult:
 
 def list_gallery_images(folder: Union[str, os.PathLike]) -> List[str]:
     """Image files under ``folder`` (recursively, hidden entries skipped), sorted."""
-    from ..data.base import IMAGE_EXTENSIONS
-
     root = Path(folder)
     if not root.is_dir():
         raise OccReIDError(f"gallery folder not found: {root} (expected a folder of images)")
@@ -270,8 +270,6 @@ def list_gallery_images(folder: Union[str, os.PathLike]) -> List[str]:
 
 def _market_ids(paths: Sequence[str]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """pids and 0-based camids when every file name is Market-style (``0002_c1s1_...``)."""
-    from ..data.base import MARKET_NAME_RE
-
     pids, cams = [], []
     for p in paths:
         m = MARKET_NAME_RE.search(os.path.basename(p))
@@ -336,6 +334,7 @@ class GalleryIndex:
         if self.retrieval.get("distance") not in DISTANCES:
             raise OccReIDError(f"unknown retrieval distance {self.retrieval.get('distance')!r}; expected {DISTANCES}")
         self.faiss = None  # Optional[FaissSearcher]
+        self.skipped: List[str] = []  # image paths left out by build(skip_unreadable=True)
 
     @staticmethod
     def _ids(x, name: str, n: int) -> Optional[torch.Tensor]:
@@ -378,25 +377,44 @@ class GalleryIndex:
         camids: Optional[ArrayLike] = None,
         color: str = "RGB",
         keep_extras: bool = True,
+        skip_unreadable: bool = False,
     ) -> "GalleryIndex":
         """Extract features of ``images`` with a :class:`occreid.FeatureExtractor` and index them.
 
         ``paths`` defaults to ``images`` when those are paths. ``camids`` are also passed to SIE
-        models.
+        models. With ``skip_unreadable``, image files that cannot be read (missing, not an image,
+        truncated) are left out with a warning each; their paths are in :attr:`skipped`.
+        Otherwise the first such file raises :class:`OccReIDError`.
         """
         images = list(images)
         if paths is None:
             paths = [str(p) if isinstance(p, (str, os.PathLike)) else f"image{i}" for i, p in enumerate(images)]
-        cams = None if camids is None else torch.as_tensor(camids).long()
+        paths = [str(p) for p in paths]
+        if len(paths) != len(images):
+            raise OccReIDError(f"got {len(images)} images but {len(paths)} paths")
+        cams = None if camids is None else torch.as_tensor(camids).long().reshape(-1)
+        pid_t = None if pids is None else torch.as_tensor(pids).long().reshape(-1)
         t0 = time.perf_counter()
-        out = extractor.extract(images, color=color, cam_ids=cams if extractor.uses_cameras else None)
-        logger.info("indexed %d images in %.1f s", len(images), time.perf_counter() - t0)
+        if skip_unreadable:
+            out, keep = _extract_skipping(extractor, images, color, cams if extractor.uses_cameras else None)
+        else:
+            out = extractor.extract(images, color=color, camids=cams if extractor.uses_cameras else None)
+            keep = list(range(len(images)))
+        skipped = [paths[i] for i in sorted(set(range(len(images))) - set(keep))]
+        if skipped and not keep:
+            raise OccReIDError(f"none of the {len(images)} images could be read (first: {skipped[0]})")
+        if skipped:
+            sel = torch.tensor(keep, dtype=torch.long)
+            paths = [paths[i] for i in keep]
+            pid_t = None if pid_t is None else pid_t[sel]
+            cams = None if cams is None else cams[sel]
+        logger.info("indexed %d images in %.1f s", len(keep), time.perf_counter() - t0)
         extras = {k: v for k, v in out.items() if k != "feat"} if keep_extras else {}
-        return cls(
+        index = cls(
             out["feat"],
             paths,
-            pids=pids,
-            camids=camids,
+            pids=pid_t,
+            camids=cams,
             extras=extras,
             model={
                 "fingerprint": extractor.fingerprint,
@@ -408,11 +426,13 @@ class GalleryIndex:
             },
             retrieval=extractor.retrieval,
         )
+        index.skipped = skipped
+        return index
 
     @classmethod
     def from_folder(cls, extractor: Any, folder: Union[str, os.PathLike], **kwargs: Any) -> "GalleryIndex":
         """Index every image under ``folder``; Market-style names (``0002_c1s1_...``) give
-        pids and camids."""
+        pids and camids. ``kwargs`` go to :meth:`build` (e.g. ``skip_unreadable=True``)."""
         paths = list_gallery_images(folder)
         pids, camids = _market_ids(paths)
         return cls.build(extractor, paths, pids=pids, camids=camids, **kwargs)
@@ -420,8 +440,6 @@ class GalleryIndex:
     def add_faiss(self, kind: str = "flat", **kwargs: Any) -> "GalleryIndex":
         """Build a faiss index (:class:`~occreid.retrieval.faiss_backend.FaissSearcher`
         arguments) over the gallery features; used by ``search(backend="auto"|"faiss")``."""
-        from .faiss_backend import FaissSearcher
-
         t0 = time.perf_counter()
         self.faiss = FaissSearcher(kind, **kwargs).build(self.features)
         logger.info("faiss %s index over %d vectors built in %.1f s", kind, len(self), time.perf_counter() - t0)
@@ -556,17 +574,31 @@ class GalleryIndex:
 
     # --------------------------------------------------------------------------- storage
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write the index (and its faiss index, if any) to one file, atomically."""
+        """Write the index (and its faiss index, if any) to one file, atomically.
+
+        Image paths (and the model weights) are stored absolute and relative to the index
+        file's folder; :meth:`load` resolves them against the index file, so the index works
+        from any working folder, and keeps working when it is moved together with its images
+        (or alone, while the images stay where they were). Entries that are not paths of
+        existing files (labels) are stored as they are.
+        """
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        paths, rel = _store_paths(self.paths, folder)
+        model = dict(self.model)
+        if model.get("weights"):
+            (model["weights"],), (model["weights_rel"],) = _store_paths([model["weights"]], folder)
         obj = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
             "occreid_version": __version__,
             "features": self.features,
-            "paths": list(self.paths),
+            "paths": paths,
+            "paths_rel": rel,
+            "folder": folder,
             "pids": self.pids,
             "camids": self.camids,
             "extras": dict(self.extras),
-            "model": dict(self.model),
+            "model": model,
             "retrieval": dict(self.retrieval),
             "faiss": None if self.faiss is None else self.faiss.state(),
         }
@@ -578,13 +610,7 @@ class GalleryIndex:
         p = Path(path)
         if not p.is_file():
             raise OccReIDError(f"gallery index not found: {p} (build one with `occreid index --weights CKPT --images DIR --out {p}`)")
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise OccReIDError(
-                f"cannot read gallery index {p}: {type(exc).__name__}. Expected a file written by "
-                "`occreid index` or GalleryIndex.save"
-            ) from None
+        obj = safe_torch_load(p, "gallery index", "a file written by `occreid index` or GalleryIndex.save")
         if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:
             hint = ""
             if isinstance(obj, dict) and obj.get("format") == "occreid-checkpoint":
@@ -592,21 +618,145 @@ class GalleryIndex:
             raise OccReIDError(f"{p} is not an occreid gallery index.{hint}")
         if int(obj.get("version", 0)) > INDEX_VERSION:
             raise OccReIDError(f"{p} was written by a newer occreid (index version {obj['version']}); upgrade occreid")
+        paths, weights = _resolve_stored_paths(obj, p)
+        model = dict(obj.get("model") or {})
+        if weights is not None:
+            model["weights"] = weights
+        model.pop("weights_rel", None)
         index = cls(
             obj["features"],
-            obj["paths"],
+            paths,
             pids=obj.get("pids"),
             camids=obj.get("camids"),
             extras=obj.get("extras") or {},
-            model=obj.get("model") or {},
+            model=model,
             retrieval=obj.get("retrieval") or {"distance": "cosine"},
             normalized=True,
         )
         if obj.get("faiss") is not None:
-            from .faiss_backend import FaissSearcher, faiss_available
-
             if faiss_available():
                 index.faiss = FaissSearcher.from_state(obj["faiss"], gpu=faiss_gpu)
             else:
                 logger.warning("%s holds a faiss index but faiss is not installed; searching exactly", p)
         return index
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction that skips unreadable files
+# --------------------------------------------------------------------------------------------
+
+_CHUNK_BATCHES = 16  # images are extracted in chunks of this many batches; a chunk that fails is probed
+
+
+def _readable(item: Any) -> Optional[str]:
+    """None when ``item`` (a path) decodes, else the reason; non-path items count as readable."""
+    if not isinstance(item, (str, os.PathLike)):
+        return None
+    try:
+        read_image(item)
+    except OccReIDError as exc:
+        return str(exc)
+    return None
+
+
+def _extract_skipping(extractor: Any, images: List[Any], color: str, cams: Optional[torch.Tensor]):
+    """``extractor.extract`` in chunks; in a chunk that raises :class:`OccReIDError` every file
+    is tried alone and the unreadable ones are left out (a warning each). Returns ``(outputs,
+    kept indices)``."""
+    chunk = max(1, int(getattr(extractor, "batch_size", 64)) * _CHUNK_BATCHES)
+    keep: List[int] = []
+    parts: Dict[str, List[torch.Tensor]] = {}
+    for start in range(0, len(images), chunk):
+        ids = list(range(start, min(len(images), start + chunk)))
+        for attempt in range(2):
+            try:
+                out = extractor.extract([images[i] for i in ids], color=color,
+                                        camids=None if cams is None else cams[ids])
+                break
+            except OccReIDError:
+                if attempt:
+                    raise
+                bad = {i: why for i in ids if (why := _readable(images[i])) is not None}
+                if not bad:
+                    raise
+                for why in bad.values():
+                    logger.warning("skipping an unreadable image: %s", why)
+                ids = [i for i in ids if i not in bad]
+                if not ids:
+                    out = None
+                    break
+        if out is None:
+            continue
+        keep.extend(ids)
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v)
+    if not parts:
+        return extractor.extract([], color=color), keep
+    return {k: torch.cat(v, 0) for k, v in parts.items()}, keep
+
+
+# --------------------------------------------------------------------------------------------
+# Stored paths
+# --------------------------------------------------------------------------------------------
+
+
+def _store_paths(paths: Sequence[str], folder: str) -> Tuple[List[str], List[Optional[str]]]:
+    """``(absolute, relative to folder)`` for the entries that name existing files; labels
+    (entries that are not existing files) are kept as they are, with ``None`` as relative path."""
+    absolute: List[str] = []
+    rel: List[Optional[str]] = []
+    for p in paths:
+        p = str(p)
+        if os.path.isabs(p) or os.path.exists(p):
+            a = os.path.abspath(p)
+            absolute.append(a)
+            try:
+                rel.append(Path(os.path.relpath(a, folder)).as_posix())
+            except ValueError:  # another drive (Windows)
+                rel.append(None)
+        else:
+            absolute.append(p)
+            rel.append(None)
+    return absolute, rel
+
+
+def _resolve_stored_paths(obj: Mapping[str, Any], index_file: Path) -> Tuple[List[str], Optional[str]]:
+    """Gallery paths and weights of a loaded index, resolved against the index file's folder.
+
+    Relative paths are used when the index moved together with its files, the stored absolute
+    ones when only the index moved. An index without relative paths (written before they were
+    stored) keeps its paths, made absolute against the index folder when they do not exist
+    from the working folder.
+    """
+    here = os.path.dirname(os.path.abspath(index_file))
+    paths = [str(p) for p in obj["paths"]]
+    rel = obj.get("paths_rel")
+    model = obj.get("model") or {}
+    weights = model.get("weights")
+
+    def choose(absolute: Optional[str], relative: Optional[str]) -> Optional[str]:
+        if absolute is None:
+            return None
+        if relative is None:
+            if not os.path.isabs(absolute) and not os.path.exists(absolute):
+                joined = os.path.normpath(os.path.join(here, absolute))
+                return joined if os.path.exists(joined) else absolute
+            return absolute
+        moved = os.path.normpath(os.path.join(here, relative))
+        return moved if os.path.exists(moved) or not os.path.exists(absolute) else absolute
+
+    if rel is not None and len(rel) == len(paths):
+        # decide once, on the first path that is a file path, whether the files moved with the index
+        first = next((i for i, r in enumerate(rel) if r is not None), None)
+        use_rel = True
+        if first is not None:
+            moved = os.path.normpath(os.path.join(here, rel[first]))
+            use_rel = os.path.exists(moved) or not os.path.exists(paths[first])
+        if use_rel:
+            paths = [os.path.normpath(os.path.join(here, r)) if r is not None else a for a, r in zip(paths, rel)]
+    elif paths and not os.path.isabs(paths[0]) and not os.path.exists(paths[0]) and \
+            os.path.exists(os.path.join(here, paths[0])):  # an older index, used from another folder
+        paths = [a if os.path.isabs(a) else os.path.normpath(os.path.join(here, a)) for a in paths]
+    if weights is not None:
+        weights = choose(str(weights), model.get("weights_rel"))
+    return paths, weights

@@ -1,6 +1,6 @@
-"""Pictures: training curves, ranked lists (and, with the methods, occlusion maps)."""
+"""Pictures: ranked lists, occlusion maps and masks, the HTML report (training curves:
+:func:`occreid.engine.curves.plot_training_log`)."""
 
-from .curves import plot_training_log
 from .ranklist import draw_ranked_lists
 
-__all__ = ["plot_training_log", "draw_ranked_lists"]
+__all__ = ["draw_ranked_lists"]

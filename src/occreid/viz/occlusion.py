@@ -2,7 +2,7 @@
 statistics of DPM's channel masks (DPM paper, Sec. 3.2 / Fig. 5), drawn with PIL only.
 
 * :func:`draw_occlusion_scores`: each image split into the ``P`` horizontal stripes FED's OEM
-  scores (top to bottom, the stripes of :func:`occreid.models.fed.part_pool`); a stripe is tinted
+  scores (top to bottom, the stripes of :func:`occreid.methods.fed.part_pool`); a stripe is tinted
   red in proportion to ``1 - score`` (score 1 = visible, 0 = occluded) and its score is written
   beside it with a bar.
 * :func:`mask_statistics` / :func:`draw_mask_statistics`: the HMG mask ``M [N, D]`` in (0, 1):
@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .curves import PALETTE, _panel
+from ..utils.io import read_image
+
+from ..utils.draw import PALETTE, line_panel
 
 __all__ = ["draw_occlusion_scores", "mask_statistics", "draw_mask_statistics"]
 
@@ -28,8 +30,6 @@ RED = np.array([220, 30, 30], dtype=np.float32)
 
 
 def _open(img: ImageLike) -> Image.Image:
-    from ..utils.io import read_image
-
     return img.convert("RGB") if isinstance(img, Image.Image) else read_image(img)
 
 
@@ -183,9 +183,9 @@ def draw_mask_statistics(
     st = mask_statistics(m)
     draw.text((10, 4), f"DPM masks: {n} images x {d} channels; mean {st['mean']:.3f}, std {st['std']:.3f}, "
                        f"{st['frac_below_0.5']:.1%} of values < 0.5", fill=(0, 0, 0))
-    _panel(draw, (60, 40, 400, 370), "histogram of mask values (fraction)", hist, "{:.2f}")
+    line_panel(draw, (60, 40, 400, 370), "histogram of mask values (fraction)", hist, "{:.2f}")
     draw.text((200, 386), "mask value", fill=(0, 0, 0))
-    _panel(draw, (470, 40, 810, 370), "per-channel mean (channels sorted)", chan, "{:.2f}")
+    line_panel(draw, (470, 40, 810, 370), "per-channel mean (channels sorted)", chan, "{:.2f}")
     draw.text((600, 386), "channel (sorted)", fill=(0, 0, 0))
     # heat map: rows = images, columns = channels (same order), 0 black -> 1 white
     hx0, hy0, hx1, hy1 = 860, 40, 1220, 370

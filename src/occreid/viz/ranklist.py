@@ -9,17 +9,18 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..data.base import OCCLUSION_TYPES
+from ..utils.io import read_image
+
 GREEN, RED, GREY = (0, 170, 0), (220, 0, 0), (90, 90, 90)
 
 
 def _thumb(path: str, size) -> Image.Image:
-    from ..utils.io import read_image
-
     return read_image(path).resize((size[1], size[0]), Image.BILINEAR)
 
 
 def pick_queries(
-    query: Sequence, per_type: int, limit: int, kinds: Sequence[str] = ("holistic", "npo", "ntp")
+    query: Sequence, per_type: int, limit: int, kinds: Sequence[str] = OCCLUSION_TYPES
 ) -> List[int]:
     """Indices of up to ``per_type`` queries of each occlusion kind (seeded, deterministic);
     random queries when the dataset has no occlusion metadata."""

@@ -11,7 +11,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageDraw
 
-from .curves import _panel
+from ..utils.io import atomic_write_text
+
+from ..utils.draw import line_panel
 
 __all__ = ["draw_cmc", "write_report"]
 
@@ -24,7 +26,7 @@ def draw_cmc(metrics: Mapping[str, Any], out_png: PathLike, max_rank: int = 20) 
     series = {"CMC": [(float(i + 1), float(v)) for i, v in enumerate(cmc)]}
     img = Image.new("RGB", (460, 320), "white")
     d = ImageDraw.Draw(img)
-    _panel(d, (60, 30, 440, 280), "CMC (fraction of queries matched within rank r)", series, "{:.2f}")
+    line_panel(d, (60, 30, 440, 280), "CMC (fraction of queries matched within rank r)", series, "{:.2f}")
     d.text((230, 296), "rank r", fill=(0, 0, 0))
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +104,6 @@ def write_report(
         sections: ``[(heading, [(png_path, caption), ...]), ...]`` pictures, in order.
         extra: more numbers (e.g. DPM mask statistics), shown as JSON.
     """
-    from ..utils.io import atomic_write_text
-
     out = Path(out_html)
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]

@@ -14,11 +14,12 @@ from .generate import (
     CAMERAS, META_HEADER, SPLIT_DIRS, SYNTHOCC_VERSION, generate_synthocc, sample_identities,
     save_preview_grid,
 )
+from .prepare import ensure_synthocc, synthocc_folder, synthocc_generation
 from .presets import PRESETS, Preset
 from .render import CameraSpec, PersonSpec, draw_person
 
 __all__ = [
     "generate_synthocc", "save_preview_grid", "PRESETS", "Preset", "SYNTHOCC_VERSION",
     "META_HEADER", "SPLIT_DIRS", "CAMERAS", "CameraSpec", "PersonSpec", "draw_person",
-    "sample_identities",
+    "sample_identities", "ensure_synthocc", "synthocc_folder", "synthocc_generation",
 ]

@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ...utils import OccReIDError, atomic_write_text
-from .presets import PRESETS, Preset
+from ..base import OCCLUSION_TYPES
+from .presets import NEW_FIELD_DEFAULTS, PRESETS, Preset
 from .render import (
     OCCLUDERS, SUPERSAMPLE, CameraSpec, Figure, PersonSpec, render_occluder_patch,
     render_panorama, render_scene,
@@ -296,6 +297,7 @@ class Plan:
     cameras: Tuple[CameraSpec, ...]
     patches: List[Tuple[str, Tuple[int, int], int, int]]  # (kind, (w, h), camera index, seed)
     panorama_seeds: List[int]
+    framing: str = "scene"  # Preset.framing
 
 
 _SIDES = ("top", "bottom", "left", "right")
@@ -377,8 +379,7 @@ def _build_plan(preset: Preset, seed: int) -> Plan:
         pcams = _choose_cams(rng, preset.cameras_per_id, preset.num_cameras)
         if person not in distractors:
             extra = int(rng.integers(preset.extra_queries_per_id[0], preset.extra_queries_per_id[1] + 1))
-            qtypes = ["holistic", "npo", "ntp"] + [
-                ("holistic", "npo", "ntp")[int(rng.integers(3))] for _ in range(extra)]
+            qtypes = list(OCCLUSION_TYPES) + [OCCLUSION_TYPES[int(rng.integers(3))] for _ in range(extra)]
             for t in qtypes:
                 make("query", person, pcams[int(rng.integers(len(pcams)))], t, test_idx)
             lo, hi = preset.gallery_images_per_id
@@ -424,7 +425,7 @@ def _build_plan(preset: Preset, seed: int) -> Plan:
     for f in test_fams:
         fams.append((f.kind, [pid_of[n_train + m] for m in f.members]))
     pano_seeds = [int(rng.integers(0, 2**63 - 1)) for _ in cams]
-    return Plan(people, fams, jobs, cams, patches, pano_seeds)
+    return Plan(people, fams, jobs, cams, patches, pano_seeds, preset.framing)
 
 
 # --------------------------------------------------------------------------------------
@@ -440,8 +441,14 @@ def _render_job(job: ImageJob, plan: Plan, panoramas: List[np.ndarray],
     rng = np.random.default_rng(job.seed)
     cam = plan.cameras[job.cam - 1]
     spec = plan.people[job.person]
-    feet = H * float(rng.uniform(0.965, 0.99))
-    hp = H * float(rng.uniform(*cam.scale)) * spec.height
+    u_feet = float(rng.uniform(0.965, 0.99))
+    u_scale = float(rng.uniform(*cam.scale))
+    if plan.framing == "detector":  # same draws (the plan's RNG order is untouched), remapped
+        u_feet = 0.975 + (u_feet - 0.965) * 0.8  # 0.975-0.995
+        lo, hi = cam.scale
+        u_scale = 0.93 + (u_scale - lo) / (hi - lo) * 0.06  # 0.93-0.99, every camera
+    feet = H * u_feet
+    hp = H * u_scale * spec.height
     hp = min(hp, feet - 0.012 * H)
     target = Figure(spec, job.view, float(rng.uniform(0, 2 * math.pi)),
                     W * (0.5 + float(rng.uniform(-0.05, 0.05))), feet, hp)
@@ -519,7 +526,7 @@ def _existing(out: Path, preset: Preset, seed: int) -> Tuple[str, str]:
         return "other", (f"a SynthOcc dataset with version {found[0]}, preset {found[1]!r}, "
                          f"seed {found[2]} (asked: version {SYNTHOCC_VERSION}, preset "
                          f"{preset.name!r}, seed {seed})")
-    if info.get("preset_params") != json.loads(json.dumps(asdict(preset))):
+    if info.get("preset_params") != json.loads(json.dumps(_preset_params(preset))):
         return "other", (f"a SynthOcc dataset of preset {preset.name!r} made with other preset "
                          f"parameters (see preset_params in {info_path})")
     counts = info.get("counts", {})
@@ -624,6 +631,16 @@ def _metadata_csv(rows: List[Tuple[ImageJob, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _preset_params(p: Preset) -> dict:
+    """``asdict(p)`` without the fields added later that are at their old default, so the
+    ``synthocc.json`` of an old preset stays byte-identical."""
+    d = asdict(p)
+    for key, default in NEW_FIELD_DEFAULTS.items():
+        if d.get(key) == default:
+            del d[key]
+    return d
+
+
 def _info(p: Preset, seed: int, plan: Plan, rows: List[Tuple[ImageJob, float]]) -> dict:
     counts: Dict[str, int] = {}
     occ: Dict[str, Dict[str, int]] = {}
@@ -631,7 +648,7 @@ def _info(p: Preset, seed: int, plan: Plan, rows: List[Tuple[ImageJob, float]]) 
         js = [j for j, _ in rows if j.split == split]
         counts[f"{split}_images"] = len(js)
         counts[f"{split}_ids"] = len({j.pid for j in js})
-        occ[split] = {t: sum(j.occlusion == t for j in js) for t in ("holistic", "npo", "ntp")}
+        occ[split] = {t: sum(j.occlusion == t for j in js) for t in OCCLUSION_TYPES}
     qp = {j.pid for j, _ in rows if j.split == "query"}
     counts["distractor_ids"] = len({j.pid for j, _ in rows if j.split == "gallery"} - qp)
     counts["occluder_patches"] = len(plan.patches)
@@ -642,7 +659,7 @@ def _info(p: Preset, seed: int, plan: Plan, rows: List[Tuple[ImageJob, float]]) 
         "preset": p.name,
         "seed": seed,
         "image_size": list(p.image_size),
-        "preset_params": asdict(p),
+        "preset_params": _preset_params(p),
         "counts": counts,
         "occlusion_counts": occ,
         "cameras": [{"camid": i + 1, "scene": c.name, "scale": list(c.scale), "blur": c.blur}

@@ -3,14 +3,22 @@
 ``tiny`` is for tests (about 150 images, a couple of seconds), ``demo`` is the default of
 ``occreid demo`` (a tiny ViT learns it on two CPU cores in minutes), ``full`` mirrors the
 proportions of Occluded-Duke (702 training ids, 519 query ids, 1,110 gallery ids).
+``tiny_detector``, ``demo_detector`` and ``full_detector`` are the same sizes with
+detector-like framing (``Preset.framing``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Tuple
 
-__all__ = ["Preset", "PRESETS", "TINY", "DEMO", "FULL"]
+__all__ = ["Preset", "PRESETS", "TINY", "DEMO", "FULL", "FRAMINGS", "NEW_FIELD_DEFAULTS"]
+
+#: Person framing inside the box (see ``Preset.framing``).
+FRAMINGS = ("scene", "detector")
+#: Fields added after the first presets, with the default that reproduces the old output;
+#: ``synthocc.json`` lists such a field only when a preset sets another value.
+NEW_FIELD_DEFAULTS = {"framing": "scene"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,12 @@ class Preset:
             split instead of a non-dataset pedestrian.
         num_occluder_patches: crops in ``occluders/`` (FED's NPO patch bank).
         image_size: saved box size (height, width).
+        framing: ``"scene"`` (the original presets: the person's height in the box follows
+            the camera's ``scale``, 0.78-0.97 of the box, feet 1-3.5 % above the bottom) or
+            ``"detector"`` (tight boxes as a pedestrian detector crops them, the same for
+            every camera: person height 0.93-0.99 of the box times the build, clipped so the
+            head stays inside, feet 0.5-2.5 % above the bottom). Added for issue #13; a
+            preset at the default writes no ``framing`` key, so old datasets are unchanged.
     """
 
     name: str
@@ -68,6 +82,7 @@ class Preset:
     ntp_other_id_ratio: float = 0.5
     num_occluder_patches: int = 40
     image_size: Tuple[int, int] = (128, 64)
+    framing: str = "scene"
 
     def __post_init__(self) -> None:
         def check(ok: bool, what: str) -> None:
@@ -97,6 +112,7 @@ class Preset:
         check(self.ntp_pool_size >= 1, "ntp_pool_size must be >= 1")
         check(len(self.image_size) == 2 and min(self.image_size) >= 16,
               "image_size must be (height, width), both >= 16")
+        check(self.framing in FRAMINGS, f"framing must be one of {FRAMINGS}")
 
 
 TINY = Preset(
@@ -144,5 +160,12 @@ FULL = Preset(
     num_occluder_patches=80,
 )
 
+# Issue #13: the same sizes with detector-like framing (new presets; the old ones above are
+# unchanged and keep producing byte-identical data).
+TINY_DETECTOR = replace(TINY, name="tiny_detector", framing="detector")
+DEMO_DETECTOR = replace(DEMO, name="demo_detector", framing="detector")
+FULL_DETECTOR = replace(FULL, name="full_detector", framing="detector")
+
 #: Preset name -> Preset.
-PRESETS: Dict[str, Preset] = {p.name: p for p in (TINY, DEMO, FULL)}
+PRESETS: Dict[str, Preset] = {
+    p.name: p for p in (TINY, DEMO, FULL, TINY_DETECTOR, DEMO_DETECTOR, FULL_DETECTOR)}

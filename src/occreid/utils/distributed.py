@@ -60,6 +60,13 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:s] for o, s in zip(out, sizes_l)], 0)
 
 
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """In-place sum over all processes (no-op without a process group)."""
+    if is_dist():
+        dist.all_reduce(x)
+    return x
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return x

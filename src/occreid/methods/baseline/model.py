@@ -15,27 +15,24 @@ NPO augmentation without FED (FED's Table 3, row 2: ``data.npo=true``): a traini
 7-channel NPO samples ``[B, 7, H, W]`` (clean view, occluded view, difference) is trained as
 the ``2B`` images of both views, each view with its sample's identity.
 
-Retrieval feature (eval mode): ``global_feat`` (``neck_feat="before"``, all released
-configs) or ``feat`` (``"after"``).
+Retrieval feature (eval mode): ``{"feat": global_feat}`` (``neck_feat="before"``, all
+released configs) or ``{"feat": BNNeck(global_feat)}`` (``"after"``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from ..losses import CrossEntropyLabelSmooth, TripletLoss
-from .heads import BNNeck, Classifier
-from .registry import MODELS
+from ...losses import CrossEntropyLabelSmooth, TripletLoss
+from ...models.heads import BNNeck, Classifier
+from ..spec import NECK_FEATS, check_choice
 
 __all__ = ["Baseline"]
 
-NECK_FEATS = ("before", "after")
 
-
-@MODELS.register("baseline", aliases=("transreid_baseline", "vit_baseline"))
 class Baseline(nn.Module):
     """ViT + BNNeck + ID classifier, trained with ID + triplet losses.
 
@@ -49,8 +46,9 @@ class Baseline(nn.Module):
         triplet_margin: ``None`` = soft-margin triplet (default), else the hard margin.
         id_loss_weight, triplet_loss_weight: loss weights (1.0 each by default).
 
-    Attributes ``base``, ``bottleneck``, ``classifier`` are named as in TransReID so that
-    its trained checkpoints map key for key (apart from the unused ``base.fc.*``).
+    ``bottleneck`` and ``classifier`` are named as in TransReID; its ``base.*`` backbone keys
+    (and those of occreid checkpoints written before the backbone was named ``backbone``) are
+    renamed on load.
     """
 
     def __init__(
@@ -65,11 +63,10 @@ class Baseline(nn.Module):
         triplet_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if neck_feat not in NECK_FEATS:
-            raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
+        check_choice("neck_feat", neck_feat, NECK_FEATS)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.base = backbone
+        self.backbone = backbone
         self.feature_dim: int = int(backbone.embed_dim)
         self.num_classes = int(num_classes)
         self.neck_feat = neck_feat
@@ -79,24 +76,26 @@ class Baseline(nn.Module):
         self.triplet_loss = TripletLoss(margin=triplet_margin)
         self.id_loss_weight = float(id_loss_weight)
         self.triplet_loss_weight = float(triplet_loss_weight)
+        self._register_load_state_dict_pre_hook(_rename_base_keys)
 
     def forward(
         self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None
-    ) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
-        """Train mode: ``{"logits": [B, C], "global_feat": [B, D]}``; eval: ``[B, D]``.
+    ) -> Dict[str, torch.Tensor]:
+        """Train mode: ``{"logits": [B, C], "global_feat": [B, D]}``; eval: ``{"feat": [B, D]}``.
 
         A 7-channel NPO training batch gives outputs over its ``2B`` views (clean first)."""
         if self.training and images.dim() == 4 and images.shape[1] == 7:
             images = torch.cat([images[:, 0:3], images[:, 3:6]])
             if cam_ids is not None:
                 cam_ids = torch.cat([cam_ids, cam_ids])
-        global_feat = self.base(images, cam_ids)[:, 0]  # cls token after the final norm
+        # the cls token after the final norm; ViTBackbone.forward_cls skips the last block's
+        # patch-token outputs, which the baseline never reads
+        cls_only = getattr(self.backbone, "forward_cls", None)
+        global_feat = cls_only(images, cam_ids) if cls_only is not None else self.backbone(images, cam_ids)[:, 0]
         if self.training:
             feat = self.bottleneck(global_feat)
             return {"logits": self.classifier(feat), "global_feat": global_feat}
-        if self.neck_feat == "after":
-            return self.bottleneck(global_feat)
-        return global_feat
+        return {"feat": self.bottleneck(global_feat) if self.neck_feat == "after" else global_feat}
 
     def loss(self, outputs: Dict[str, torch.Tensor], pids: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{"id": w_id * CE, "triplet": w_tri * triplet}``; the trainer sums the values.
@@ -111,3 +110,10 @@ class Baseline(nn.Module):
             "id": self.id_loss_weight * self.id_loss(outputs["logits"], pids),
             "triplet": self.triplet_loss_weight * self.triplet_loss(outputs["global_feat"], pids),
         }
+
+
+def _rename_base_keys(state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """``base.*`` (TransReID, older occreid checkpoints) -> ``backbone.*``, in place."""
+    old = prefix + "base."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "backbone." + key[len(old):]] = state_dict.pop(key)

@@ -32,48 +32,23 @@ import logging
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import OccReIDError
+from ...utils import OccReIDError
+from ...utils import distributed as du
 
 __all__ = [
     "UPDATE_RULES",
     "IdentityMemory",
     "sequential_momentum_update",
     "mean_momentum_update",
-    "all_gather_variable",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Accepted values of ``update_rule``.
 UPDATE_RULES = ("sequential", "mean")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (``[n_r, ...]``, ``n_r`` may differ per process) over all processes in rank order.
-
-    Without an initialised process group (or with one process) returns ``x``.
-    """
-    if not _distributed():
-        return x
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes_list = [int(s.item()) for s in sizes]
-    n_max = max(sizes_list)
-    padded = x.new_zeros((n_max, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    chunks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(chunks, padded.contiguous())
-    return torch.cat([c[:s] for c, s in zip(chunks, sizes_list)], dim=0)
 
 
 def _check_update_args(centres: torch.Tensor, x: torch.Tensor, pids: torch.Tensor) -> None:
@@ -83,7 +58,7 @@ def _check_update_args(centres: torch.Tensor, x: torch.Tensor, pids: torch.Tenso
         )
     if pids.shape != (x.shape[0],):
         raise ValueError(f"memory update expects pids [{x.shape[0]}], got {tuple(pids.shape)}")
-    if pids.numel() and (int(pids.min()) < 0 or int(pids.max()) >= centres.shape[0]):
+    if pids.numel() and bool(((pids < 0) | (pids >= centres.shape[0])).any()):  # one host sync
         raise ValueError(
             f"identity labels must lie in [0, {centres.shape[0] - 1}] (the memory has "
             f"{centres.shape[0]} centres); got range [{int(pids.min())}, {int(pids.max())}]"
@@ -213,9 +188,9 @@ class IdentityMemory(nn.Module):
         sums = torch.zeros(self.num_ids, self.dim, dtype=torch.float64, device=dev)
         sums.index_add_(0, pids, features.to(device=dev, dtype=torch.float64))
         counts = torch.bincount(pids, minlength=self.num_ids).to(torch.float64)
-        if _distributed():
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
+        if du.is_dist():
+            du.all_reduce_sum_(sums)
+            du.all_reduce_sum_(counts)
         missing = torch.nonzero(counts == 0).flatten()
         if missing.numel():
             shown = ", ".join(str(int(i)) for i in missing[:10])
@@ -246,7 +221,7 @@ class IdentityMemory(nn.Module):
         x = x.detach()
         pids = pids.detach().to(device=x.device, dtype=torch.long)
         if gather:
-            x, pids = all_gather_variable(x), all_gather_variable(pids)
+            x, pids = du.all_gather_cat(x), du.all_gather_cat(pids)
         if m == 1.0:
             return
         rule = sequential_momentum_update if self.update_rule == "sequential" else mean_momentum_update

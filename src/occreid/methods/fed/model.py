@@ -58,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.npo import MASK_RULES, stripe_mask
-from ..losses.fed_losses import FED_LOSS_WEIGHTS, fed_losses
-from ..utils import OccReIDError
-from .heads import BNNeck, Classifier
+from ...data.npo import MASK_RULES, stripe_mask
+from ...losses.fed_losses import FED_LOSS_WEIGHTS, fed_losses
+from ...models.heads import BNNeck, Classifier
+from ...utils import OccReIDError
+from ..spec import check_choice
 from .memory import UPDATE_RULES, IdentityMemory
-from .registry import MODELS
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +89,6 @@ FDM_BNS = ("shared", "separate")
 PART_POOLINGS = ("rows", "flat")
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # Part pooling
 # --------------------------------------------------------------------------------------------
@@ -107,7 +102,7 @@ def part_pool(
     any grid. ``"flat"``: the official ``AdaptiveAvgPool1d(P)`` over the flattened token
     sequence. Both are identical when ``gy % P == 0`` (ViT-B/16 at 256x128: 16 rows, 4 per part).
     """
-    _check_choice("part_pooling", mode, PART_POOLINGS)
+    check_choice("part_pooling", mode, PART_POOLINGS)
     B, N, D = patch_tokens.shape
     gy, gx = int(grid_size[0]), int(grid_size[1])
     if gy * gx != N:
@@ -192,7 +187,10 @@ def memory_search(
         own = cand == labels.to(cand.device).view(B, 1)  # at most one True per row
         drop = own.clone()
         drop[:, -1] |= ~own.any(dim=1)  # no own id among them -> drop the (k+1)-th
-        index = cand[~drop].view(B, k)
+        # exactly one dropped per row: the kept positions in rank order are the first k of a
+        # stable sort on the drop flag (a gather, no boolean indexing: no host sync)
+        keep_pos = torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        index = cand.gather(1, keep_pos)
     return memory_normalized[index], index
 
 
@@ -233,8 +231,8 @@ class FDMCrossAttention(nn.Module):
         head_merge: str = "official",
     ) -> None:
         super().__init__()
-        _check_choice("attn_scale", scale, ATTN_SCALES)
-        _check_choice("head_merge", head_merge, HEAD_MERGES)
+        check_choice("attn_scale", scale, ATTN_SCALES)
+        check_choice("head_merge", head_merge, HEAD_MERGES)
         self.head_merge = head_merge
         width = dim * num_parts
         if width % num_heads:
@@ -313,7 +311,7 @@ class FDM(nn.Module):
         head_merge: str = "official",
     ) -> None:
         super().__init__()
-        _check_choice("ffn_style", ffn_style, FFN_STYLES)
+        check_choice("ffn_style", ffn_style, FFN_STYLES)
         self.dim, self.num_parts = dim, num_parts
         self.attn = FDMCrossAttention(dim, num_parts, num_heads, attn_scale, head_merge)
         ffn = GEGLUFeedForward if ffn_style == "official" else PostNormFeedForward
@@ -335,7 +333,6 @@ class FDM(nn.Module):
 # --------------------------------------------------------------------------------------------
 # FED model
 # --------------------------------------------------------------------------------------------
-@MODELS.register("fed")
 class FED(nn.Module):
     """FED on a ViT backbone: NPO two-branch training, OEM, memory, FDM, official losses.
 
@@ -354,8 +351,8 @@ class FED(nn.Module):
 
     * **training** ``forward(images [B, 7, H, W], cam_ids=None, pids [B])``: the
       :class:`occreid.data.npo.NPOTransform` batch (clean, occluded, ``|x - x'|``). ``pids``
-      is required in training (the memory search excludes each sample's own identity);
-      see :attr:`forward_needs_pids`. Returns a dict: ``logits_{oem,fdm,global}_{clean,occ}``
+      is required in training (the memory search excludes each sample's own identity).
+      Returns a dict: ``logits_{oem,fdm,global}_{clean,occ}``
       ``[B, C]``, ``feat_{oem,fdm}_{clean,occ}`` ``[B, F]``, ``scores_{clean,occ}`` ``[B, P]``,
       ``mask`` ``[B, P]``.
     * ``loss(outputs, pids) -> dict[str, Tensor]``: the weighted terms of
@@ -363,15 +360,11 @@ class FED(nn.Module):
     * after each optimiser step: :meth:`update_memory` ``(outputs, pids)``.
     * before training: :meth:`init_memory_from_loader` (or :meth:`memory_features` +
       :meth:`init_memory`).
-    * trainer hooks: :meth:`on_train_start` (memory init) and :meth:`training_step`
-      (forward with pids, loss, step, memory update).
-    * **eval** ``forward(images [B, 3, H, W], cam_ids=None)`` -> retrieval feature ``[B, F]``;
-      :meth:`forward_features` also gives the per-part occlusion scores (and optionally the
-      FDM feature).
+    * the engine's training step runs these through :class:`occreid.methods.fed.FEDSpec`
+      (memory init at train start, forward with pids, loss, step, memory update).
+    * **eval** ``forward(images [B, 3, H, W], cam_ids=None)`` -> :meth:`forward_features`:
+      ``{"feat" [B, F], "part_scores" [B, P], "global" [B, D]}``.
     """
-
-    #: The trainer must pass ``pids=`` to ``forward`` in training mode.
-    forward_needs_pids = True
 
     def __init__(
         self,
@@ -400,14 +393,14 @@ class FED(nn.Module):
         fdm: bool = True,
     ) -> None:
         super().__init__()
-        _check_choice("global_token", global_token, GLOBAL_TOKENS)
-        _check_choice("memory_update", memory_update, UPDATE_RULES)
-        _check_choice("memory_banks", memory_banks, MEMORY_BANKS)
-        _check_choice("memory_init", memory_init, MEMORY_INITS)
-        _check_choice("fdm_bn", fdm_bn, FDM_BNS)
-        _check_choice("loss_weights", loss_weights, tuple(FED_LOSS_WEIGHTS))
-        _check_choice("mask_rule", mask_rule, MASK_RULES)
-        _check_choice("part_pooling", part_pooling, PART_POOLINGS)
+        check_choice("global_token", global_token, GLOBAL_TOKENS)
+        check_choice("memory_update", memory_update, UPDATE_RULES)
+        check_choice("memory_banks", memory_banks, MEMORY_BANKS)
+        check_choice("memory_init", memory_init, MEMORY_INITS)
+        check_choice("fdm_bn", fdm_bn, FDM_BNS)
+        check_choice("loss_weights", loss_weights, tuple(FED_LOSS_WEIGHTS))
+        check_choice("mask_rule", mask_rule, MASK_RULES)
+        check_choice("part_pooling", part_pooling, PART_POOLINGS)
         if num_classes < 2:
             raise ValueError(f"FED needs at least 2 training identities, got num_classes={num_classes}")
         D = int(backbone.embed_dim)
@@ -476,19 +469,23 @@ class FED(nn.Module):
     def _bank_fdm(self) -> IdentityMemory:
         return self.memory if self.memory_fdm is None else self.memory_fdm
 
-    def _diffuse(self, feat: Tensor, scores: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """Memory search + FDM, ``feat [B, F]`` -> diffused ``[B, P, D]`` (before the BNNeck)."""
+    def _diffuse(
+        self, feat: Tensor, scores: Tensor, labels: Optional[Tensor], bank_normalized: Optional[Tensor] = None
+    ) -> Tensor:
+        """Memory search + FDM, ``feat [B, F]`` -> diffused ``[B, P, D]`` (before the BNNeck).
+        ``bank_normalized``: the normalised memory when the caller already has it."""
         if self.fdm is None:
             raise OccReIDError("this FED model was built with fdm=False: it has no FDM")
-        bank = self.memory
-        bank.check_initialized()
-        latents, _ = memory_search(feat, bank.normalized().to(feat.dtype), self.num_neighbours, labels)
+        if bank_normalized is None:
+            self.memory.check_initialized()
+            bank_normalized = self.memory.normalized()
+        latents, _ = memory_search(feat, bank_normalized.to(feat.dtype), self.num_neighbours, labels)
         return self.fdm(feat, latents, scores)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor, cam_ids: Optional[Tensor] = None, pids: Optional[Tensor] = None):
         if not self.training:
-            return self.forward_features(images, cam_ids)["feat"]
+            return self.forward_features(images, cam_ids)
         return self.forward_train(images, cam_ids, pids)
 
     def forward_train(self, images: Tensor, cam_ids: Optional[Tensor], pids: Optional[Tensor]) -> Dict[str, Tensor]:
@@ -513,9 +510,15 @@ class FED(nn.Module):
         clean, occluded = images[:, 0:3], images[:, 3:6]
         with torch.no_grad():
             mask = stripe_mask(images[:, 6], self.num_parts, rule=self.mask_rule)  # [B, P]
-        cams = None if cam_ids is None else torch.cat([cam_ids, cam_ids])
-        # Both views share every backbone parameter: one pass over the 2B images.
-        glob, parts = self._parts(torch.cat([clean, occluded]), cams)  # [2B, D], [2B, P, D]
+        # Both views share every backbone parameter. They go through it one after the other,
+        # as in the official code (which also draws drop-path masks in that order); two
+        # B-image passes rather than one 2B-image pass also keep every activation half as
+        # large, which the CPU allocator serves without fresh page mappings at B = 16.
+        glob_clean, parts_clean = self._parts(clean, cam_ids)
+        glob_occ, parts_occ = self._parts(occluded, cam_ids)
+        glob = torch.cat([glob_clean, glob_occ])  # [2B, D]
+        parts = torch.cat([parts_clean, parts_occ])  # [2B, P, D]
+        del glob_clean, glob_occ, parts_clean, parts_occ
         erased, scores = self._erase(parts)  # [2B, P, D], [2B, P]
         # BNNeck per branch (separate batch statistics, official call order).
         feat_clean = self.part_bn(erased[:B].flatten(1))  # [B, F]
@@ -535,8 +538,10 @@ class FED(nn.Module):
             # FDM per branch: with the official head merge a sample's output mixes heads of the
             # other samples of its own branch's batch, so the branches must not be concatenated.
             bn = self._fdm_bn()
-            fdm_clean = bn(self._diffuse(feat_clean, scores[:B], pids).flatten(1))  # [B, F]
-            fdm_occ = bn(self._diffuse(feat_occ, scores[B:], pids).flatten(1))
+            self.memory.check_initialized()
+            bank_n = self.memory.normalized()  # once for both branches
+            fdm_clean = bn(self._diffuse(feat_clean, scores[:B], pids, bank_n).flatten(1))  # [B, F]
+            fdm_occ = bn(self._diffuse(feat_occ, scores[B:], pids, bank_n).flatten(1))
             logits_fdm = self.classifier_fdm(torch.cat([fdm_clean, fdm_occ]))
             out.update(
                 logits_fdm_clean=logits_fdm[:B], logits_fdm_occ=logits_fdm[B:],
@@ -664,42 +669,6 @@ class FED(nn.Module):
             self.memory.update(outputs["feat_oem_clean"], pids)
             self.memory_fdm.update(outputs["feat_fdm_clean"], pids)
         self._update_pending = False
-
-    # ------------------------------------------------------------------ trainer hooks
-    def on_train_start(self, trainer: Any) -> None:
-        """Trainer hook: the memory-initialisation pass (skipped when resuming with a bank).
-
-        Uses the trainer's test-transform loader over the training records (sharded under
-        DDP; :meth:`init_memory` all-reduces).
-        """
-        if bool(self.memory.initialized):
-            logger.info("FED memory already initialised (resumed checkpoint); skipping the init pass")
-            return
-        from ..engine.build import build_test_loader  # local: engine imports models
-
-        loader = build_test_loader(trainer.cfg, trainer.train_ds.train)
-        logger.info("FED: initialising the identity memory over %d training images", len(trainer.train_ds.train))
-        self.init_memory_from_loader(loader, trainer.device)
-
-    def training_step(self, trainer: Any, batch: Mapping[str, Any]) -> Dict[str, float]:
-        """Trainer hook: forward with ``pids`` (needed by the memory search), the weighted
-        losses, backward + step through the trainer's scaler, then :meth:`update_memory`."""
-        opt = trainer.optimizers[0]
-        opt.zero_grad(set_to_none=True)
-        pids = batch["pids"]
-        with trainer.autocast():
-            outputs = trainer.model(batch["images"], cam_ids=batch.get("camids"), pids=pids)
-            losses = self.loss(outputs, pids)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"non-finite FED loss {total.item()} ({ {k: float(v) for k, v in losses.items()} })"
-            )
-        trainer.backward_step(total, opt)
-        self.update_memory(outputs, pids)
-        stats = {k: float(v.detach()) for k, v in losses.items()}
-        stats["loss"] = float(total.detach())
-        return stats
 
 
 # --------------------------------------------------------------------------------------------

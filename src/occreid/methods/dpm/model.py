@@ -21,9 +21,10 @@ paper is a named switch whose other value is the paper's variant (dpm-official.m
   batch-hard triplet on the pre-BNNeck feature.
 - **Two-step update** (dpm-official.md §6): two optimisers over disjoint parameter sets
   (:meth:`DPM.hmg_parameters` / :meth:`DPM.main_parameters`), two full forward/backward
-  passes per batch, the HMG optimiser at a constant learning rate; see :func:`dpm_train_step`.
+  passes per batch, the HMG optimiser at a constant learning rate; run by the engine's one
+  training step through :class:`occreid.methods.dpm.DPMSpec`.
 - **Retrieval** (dpm-official.md §7): each query's mask applied to the gallery features,
-  :class:`occreid.evaluation.masked_distance.MaskedCosineDistance`.
+  :class:`occreid.methods.dpm.retrieval.MaskedCosineDistance`.
 
 Components are standalone modules on plain tensors; :class:`DPM` wires them to the ViT backbone.
 """
@@ -33,15 +34,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses.arcface import MASK_NORMS, arcface_logits, masked_cosine
-from ..losses.hem import HEM_REDUCTIONS, head_orthogonality_loss
-from .registry import MODELS
+from ...losses.arcface import MASK_NORMS, arcface_logits, masked_cosine
+from ...losses.hem import HEM_REDUCTIONS, head_orthogonality_loss
+from ...losses.triplet import TripletLoss
+from ...models.heads import BNNeck
+from ..spec import NECK_FEATS, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ __all__ = [
     "HMG_POOLINGS",
     "HEM_ATTENTIONS",
     "UPDATE_MODES",
+    "SECOND_PASSES",
+    "TRAIN_GRADS",
     "HMG_LR_SCHEDULES",
     "scale_block_indices",
     "tokens_to_maps",
@@ -58,7 +63,6 @@ __all__ = [
     "HeadEnrichModule",
     "MaskedPrototypeClassifier",
     "DPM",
-    "dpm_train_step",
     "convert_official_state_dict",
 ]
 
@@ -69,6 +73,15 @@ HEM_ATTENTIONS = ("logits", "softmax")
 #: ``"two_pass"`` (official): two optimisers, two forward/backward passes per batch.
 #: ``"single_pass"``: one forward/backward, both optimisers step on the same gradients.
 UPDATE_MODES = ("two_pass", "single_pass")
+#: The second pass of ``"two_pass"``: ``"hmg_only"`` (default) runs the backbone without
+#: autograd and backpropagates through the HMG and the heads only, which gives exactly the HMG
+#: gradient of the official ``"full"`` second pass (a full forward/backward through everything).
+SECOND_PASSES = ("hmg_only", "full")
+#: What a training forward computes gradients for (``DPM.forward(..., grads=...)``): ``"all"``;
+#: ``"no_hmg"``: everything but the HMG's own weights (the masked loss still reaches the backbone
+#: through the HMG); ``"hmg_only"``: the backbone runs under ``torch.no_grad`` and only the HMG
+#: and the heads get gradients.
+TRAIN_GRADS = ("all", "no_hmg", "hmg_only")
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,6 +128,10 @@ def tokens_to_maps(tokens: Tensor, grid_size: Sequence[int], num_prefix_tokens: 
             f"but the patch grid is {gy}x{gx} = {gy * gx}"
         )
     return tokens[:, num_prefix_tokens:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], gy, gx)
+
+
+def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -231,19 +248,32 @@ class HierarchicalMaskGenerator(nn.Module):
             )
         return x
 
-    def forward_intermediates(self, maps: Any) -> Dict[str, Tensor]:
-        """Returns ``pooled`` [B, c3], ``logits`` [B, D] (pre-sigmoid) and ``mask`` [B, D]."""
-        x = self.conv_layers(self._concat(maps))
+    def forward_intermediates(self, maps: Any, *, param_grads: bool = True) -> Dict[str, Tensor]:
+        """Returns ``pooled`` [B, c3], ``logits`` [B, D] (pre-sigmoid) and ``mask`` [B, D].
+
+        ``param_grads=False``: the same values, computed with the parameters detached, so a
+        backward pass reaches the input maps (and what produced them) but computes no
+        gradient of the HMG's own weights (DPM's first pass, whose HMG gradient the official
+        update discards). BatchNorm statistics are updated as usual.
+        """
+        x = self._concat(maps)
+        if param_grads or not torch.is_grad_enabled():
+            x = self.conv_layers(x)
+            fc = self.fc
+        else:
+            detached = {n: p.detach() for n, p in self.conv_layers.named_parameters()}
+            x = torch.func.functional_call(self.conv_layers, detached, (x,))
+            fc = None if self.fc is None else (lambda t: F.linear(t, self.fc.weight.detach(), _detach(self.fc.bias)))
         if self.pooling == "max":
             pooled = F.adaptive_max_pool2d(x, 1).flatten(1)  # [B, c3]; flatten, not squeeze: B=1
         else:
             pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        logits = self.fc(pooled) if self.fc is not None else pooled
+        logits = fc(pooled) if fc is not None else pooled
         return {"pooled": pooled, "logits": logits, "mask": torch.sigmoid(logits)}
 
-    def forward(self, maps: Any) -> Tensor:
+    def forward(self, maps: Any, *, param_grads: bool = True) -> Tensor:
         """Mask M [B, D] in (0, 1)."""
-        return self.forward_intermediates(maps)["mask"]
+        return self.forward_intermediates(maps, param_grads=param_grads)["mask"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,15 +402,8 @@ class MaskedPrototypeClassifier(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 HMG_LR_SCHEDULES = ("constant", "cosine")
-NECK_FEATS = ("before", "after")
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-@MODELS.register("dpm")
 class DPM(nn.Module):
     """Dynamic Prototype Mask on a TransReID ViT (official defaults; switches documented in
     ``docs/methods/dpm.md``).
@@ -413,11 +436,17 @@ class DPM(nn.Module):
         triplet_loss_weight: triplet weight (official 1).
         neck_feat: retrieval feature ``"before"`` (official: pre-BNNeck cls token) or
             ``"after"`` the BNNeck.
-        update_mode: ``"two_pass"`` (official) or ``"single_pass"``; read by
-            :meth:`training_step`.
+        update_mode: ``"two_pass"`` (official) or ``"single_pass"``; read by the spec's
+            training passes.
+        second_pass: how the second pass of ``"two_pass"`` computes the HMG gradient:
+            ``"hmg_only"`` (default; the backbone under ``torch.no_grad``, backward through
+            the HMG and the heads only; the first pass then skips the HMG weight gradient it
+            would discard) or ``"full"`` (the official full forward/backward through
+            everything in both passes). Both give the same HMG gradient and the same update:
+            the HMG reads the backbone's block outputs, which do not depend on the HMG.
         hmg_lr_schedule: ``"constant"`` (official: the HMG optimiser has no scheduler) or
-            ``"cosine"`` (the paper: same schedule as the rest); read by
-            :meth:`configure_optimizers`.
+            ``"cosine"`` (the paper: same schedule as the rest); read by the
+            spec's parameter sets.
         masked_branch: ablation switch (Tables 3-4). ``False`` removes the HMG and the masked
             branch: the loss is ``w·L_cls (+ β·L_hem) + L_tri`` (the plain branch at full weight),
             training is one pass with one optimiser, retrieval is plain cosine. With β = 0 this
@@ -429,8 +458,8 @@ class DPM(nn.Module):
     Train mode ``forward`` returns ``{"logits" [B, C], "cos" [B, C], "global_feat" [B, D],
     "mask" [B, D], "cls_attn" [B, N, P] (None when β = 0)}``; :meth:`loss` turns it into
     ``{"id", "arc", "hem", "triplet"}`` (already weighted; the trainer sums them). Eval mode
-    returns ``{"feat" [B, D], "mask" [B, D]}``; :meth:`retrieval_distance` gives the query-mask
-    distance for the evaluator.
+    returns ``{"feat" [B, D], "mask" [B, D]}``; :class:`occreid.methods.dpm.DPMSpec` gives the
+    query-mask distance for the evaluator and runs the two-step update.
     """
 
     def __init__(
@@ -456,17 +485,16 @@ class DPM(nn.Module):
         triplet_loss_weight: float = 1.0,
         neck_feat: str = "before",
         update_mode: str = "two_pass",
+        second_pass: str = "hmg_only",
         hmg_lr_schedule: str = "constant",
         masked_branch: bool = True,
         cls_margin: Optional[float] = None,
     ) -> None:
         super().__init__()
-        from ..losses.triplet import TripletLoss  # local: keeps the component imports light
-        from .heads import BNNeck
-
-        _check_choice("neck_feat", neck_feat, NECK_FEATS)
-        _check_choice("update_mode", update_mode, UPDATE_MODES)
-        _check_choice("hmg_lr_schedule", hmg_lr_schedule, HMG_LR_SCHEDULES)
+        check_choice("neck_feat", neck_feat, NECK_FEATS)
+        check_choice("update_mode", update_mode, UPDATE_MODES)
+        check_choice("second_pass", second_pass, SECOND_PASSES)
+        check_choice("hmg_lr_schedule", hmg_lr_schedule, HMG_LR_SCHEDULES)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if beta < 0:
@@ -508,12 +536,14 @@ class DPM(nn.Module):
         self.triplet_loss_weight = float(triplet_loss_weight)
         self.neck_feat = neck_feat
         self.update_mode = update_mode
+        self.second_pass = second_pass
         self.hmg_lr_schedule = hmg_lr_schedule
 
     # ---------------------------------------------------------------------------- forward
-    def _features(self, images: Tensor, cam_ids: Optional[Tensor], with_attn: bool):
+    def _features(self, images: Tensor, cam_ids: Optional[Tensor], with_attn: bool, grads: str = "all"):
         indices = self.hmg_blocks if self.hmg is not None else ()
-        out = self.backbone.forward_intermediates(images, cam_ids, indices=indices, return_cls_attn=with_attn)
+        with torch.no_grad() if grads == "hmg_only" else contextlib.nullcontext():
+            out = self.backbone.forward_intermediates(images, cam_ids, indices=indices, return_cls_attn=with_attn)
         tokens, blocks = out[0], out[1]
         cls_attn = out[2] if with_attn else None
         mask = None
@@ -522,16 +552,32 @@ class DPM(nn.Module):
             prefix = tokens.shape[1] - grid[0] * grid[1]
             # f_l: patch tokens of block l (pre final-LayerNorm) as [B, D, gy, gx] maps
             maps = [tokens_to_maps(t, grid, prefix) for t in blocks]
-            mask = self.hmg(maps)  # M [B, D]
+            mask = self.hmg(maps, param_grads=grads != "no_hmg")  # M [B, D]
         global_feat = tokens[:, 0]  # LayerNorm(z_L)[:, 0], the cls token  [B, D]
         return global_feat, mask, cls_attn
 
-    def forward(self, images: Tensor, cam_ids: Optional[Tensor] = None) -> Dict[str, Any]:
+    def train_grads(self, pass_index: int) -> str:
+        """The ``grads`` of the training forward of ``pass_index`` (:data:`TRAIN_GRADS`).
+
+        ``"two_pass"`` with ``second_pass="hmg_only"``: pass 0 steps everything but the HMG, so
+        it needs no HMG weight gradient (``"no_hmg"``); pass 1 steps only the HMG, whose input
+        (the backbone's block outputs) does not depend on the HMG, so the backbone runs without
+        autograd (``"hmg_only"``). Same values, same HMG gradient, same BatchNorm statistics
+        and dropout / drop-path draws (train mode throughout) as the full passes.
+        """
+        if self.hmg is None or self.update_mode != "two_pass" or self.second_pass == "full":
+            return "all"
+        return "no_hmg" if pass_index == 0 else "hmg_only"
+
+    def forward(self, images: Tensor, cam_ids: Optional[Tensor] = None, *, grads: str = "all") -> Dict[str, Any]:
+        """Train mode: ``grads`` (:data:`TRAIN_GRADS`) selects what the pass computes gradients
+        for (the spec passes :meth:`train_grads`); eval mode ignores it."""
         if not self.training:
             global_feat, mask, _ = self._features(images, cam_ids, with_attn=False)
             feat = global_feat if self.neck_feat == "before" else self.bottleneck(global_feat)
             return {"feat": feat} if mask is None else {"feat": feat, "mask": mask}
-        global_feat, mask, cls_attn = self._features(images, cam_ids, with_attn=self.beta > 0)
+        check_choice("grads", grads, TRAIN_GRADS)
+        global_feat, mask, cls_attn = self._features(images, cam_ids, with_attn=self.beta > 0, grads=grads)
         feat_bn = self.bottleneck(global_feat)
         logits, cos = self.classifier(feat_bn, mask)
         out = {"logits": logits, "cos": cos, "global_feat": global_feat, "mask": mask, "cls_attn": cls_attn}
@@ -565,23 +611,6 @@ class DPM(nn.Module):
         losses["triplet"] = self.triplet_loss_weight * self.triplet(outputs["global_feat"].float(), pids)
         return losses
 
-    # --------------------------------------------------------------------------- retrieval
-    def retrieval_distance(self, query: Mapping[str, Tensor], gallery: Mapping[str, Tensor]):
-        """DPM's query-mask distance (dpm-official.md §7) as an evaluator block callable:
-        each query's mask applied to every gallery feature; gallery masks unused. ``None``
-        (the evaluator's plain distance) for a model without the masked branch."""
-        from ..evaluation.masked_distance import MaskedCosineDistance
-
-        if "mask" not in query:
-            return None
-        return MaskedCosineDistance(
-            query["feat"],
-            query["mask"],
-            gallery["feat"],
-            mask_norm=self.mask_norm,
-            mask_query=self.mask_feature,
-        )
-
     # ------------------------------------------------------------------ two-step training
     def hmg_parameters(self) -> List[nn.Parameter]:
         """Parameters of the HMG (official ``Moptimizer``: names with ConvLayer/attfc)."""
@@ -592,184 +621,13 @@ class DPM(nn.Module):
         hmg_ids = {id(p) for p in self.hmg_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in hmg_ids]
 
-    def configure_optimizers(
-        self, solver_cfg: Mapping[str, Any], named_parameters: Sequence[Tuple[str, nn.Parameter]]
-    ):
-        """Trainer hook: ``([main optimiser, HMG optimiser], schedulers)``.
-
-        Both use the solver's optimiser and TransReID parameter groups (bias lr × factor). The
-        main optimiser gets the warm-up cosine schedule. The HMG optimiser has weight decay
-        ``weight_decay_bias`` on all groups and, by default, **no scheduler** (constant
-        lr, official); ``hmg_lr_schedule="cosine"`` gives it the same schedule.
-        """
-        from ..engine.solver import WarmupCosineLR, build_optimizer
-
-        s = solver_cfg
-        hmg_ids = {id(p) for p in self.hmg_parameters()}
-        main = [(n, p) for n, p in named_parameters if id(p) not in hmg_ids]
-        hmg = [(n, p) for n, p in named_parameters if id(p) in hmg_ids]
-        common = dict(
-            base_lr=s["base_lr"], bias_lr_factor=s["bias_lr_factor"], momentum=s["momentum"]
-        )
-        opt = build_optimizer(
-            main, s["optimizer"], weight_decay=s["weight_decay"],
-            weight_decay_bias=s["weight_decay_bias"], **common,
-        )
-        hmg_opt = (
-            build_optimizer(
-                hmg, s["optimizer"], weight_decay=s["weight_decay_bias"],
-                weight_decay_bias=s["weight_decay_bias"], **common,
-            )
-            if hmg
-            else None
-        )
-
-        def sched(o):
-            return WarmupCosineLR(
-                o,
-                max_epochs=s["max_epochs"],
-                warmup_epochs=s["warmup_epochs"],
-                warmup_lr=s["warmup_lr_factor"] * s["base_lr"],
-                min_lr=s["min_lr_factor"] * s["base_lr"],
-            )
-
-        schedulers = [sched(opt)]
-        if hmg_opt is None:  # masked_branch=False: one optimiser
-            return [opt], schedulers
-        if self.hmg_lr_schedule == "cosine":
-            schedulers.append(sched(hmg_opt))
-        return [opt, hmg_opt], schedulers
-
-    def training_step(self, trainer: Any, batch: Mapping[str, Any]) -> Dict[str, float]:
-        """Trainer hook: one DPM iteration (:func:`dpm_train_step`) with the trainer's
-        optimisers, autocast, GradScaler and gradient clipping."""
-        opt = trainer.optimizers[0]
-        hmg_opt = trainer.optimizers[1] if len(trainer.optimizers) > 1 else None
-        return dpm_train_step(
-            self,
-            batch["images"],
-            batch["pids"],
-            batch.get("camids"),
-            optimizer=opt,
-            hmg_optimizer=hmg_opt,
-            mode=self.update_mode if hmg_opt is not None else "single_pass",
-            forward=trainer.model,
-            autocast=trainer.autocast,
-            scaler=trainer.scaler,
-            grad_clip=trainer.cfg["solver"].get("grad_clip"),
-        )
-
     def extra_repr(self) -> str:
         return (
             f"hmg_blocks={self.hmg_blocks}, arc_scale={self.arc_scale}, arc_margin={self.arc_margin}, "
             f"alpha={self.alpha}, beta={self.beta}, neck_feat={self.neck_feat!r}, "
-            f"update_mode={self.update_mode!r}, hmg_lr_schedule={self.hmg_lr_schedule!r}"
+            f"update_mode={self.update_mode!r}, second_pass={self.second_pass!r}, "
+            f"hmg_lr_schedule={self.hmg_lr_schedule!r}"
         )
-
-
-def _step(optimizer: torch.optim.Optimizer, scaler: Any, grad_clip: Optional[float], update: bool = True) -> None:
-    """(Unscale and) clip this optimiser's gradients by their own norm, step, update the scaler.
-
-    Clipping per optimiser keeps a non-finite gradient of one parameter set (which makes the
-    scaler skip that optimiser's step) from turning the other set's gradients into NaN."""
-    if grad_clip:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        if update:
-            scaler.update()
-    else:
-        optimizer.step()
-
-
-def dpm_train_step(
-    model: DPM,
-    images: Tensor,
-    pids: Tensor,
-    cam_ids: Optional[Tensor] = None,
-    *,
-    optimizer: torch.optim.Optimizer,
-    hmg_optimizer: Optional[torch.optim.Optimizer],
-    mode: str = "two_pass",
-    forward: Optional[Callable[..., Any]] = None,
-    autocast: Optional[Callable[[], Any]] = None,
-    scaler: Any = None,
-    grad_clip: Optional[float] = None,
-) -> Dict[str, float]:
-    """One DPM training iteration on a batch (dpm-official.md §6).
-
-    ``mode="two_pass"`` (official):
-
-    1. ``optimizer.zero_grad()``; forward; full loss L; backward through everything (the masked
-       CE reaches the backbone *through* the HMG); step ``optimizer`` (all but the HMG).
-    2. ``hmg_optimizer.zero_grad()`` (drops the HMG gradients of pass 1); a second full forward
-       with the updated backbone and prototypes; L; backward; step ``hmg_optimizer`` only.
-       The backbone gradients of pass 2 are discarded by the next iteration's zero_grad.
-
-    With a GradScaler each step is followed by ``scaler.update()`` (twice per iteration, as
-    the official code). ``mode="single_pass"``: one forward/backward, both optimisers step.
-    ``hmg_optimizer=None`` (a model without the masked branch) needs ``"single_pass"``.
-
-    Args:
-        model: the (unwrapped) :class:`DPM`, used for :meth:`DPM.loss`.
-        forward: what to call for the forward pass (e.g. the DDP-wrapped model); default
-            ``model``.
-        autocast: a zero-argument context-manager factory (e.g. ``trainer.autocast``).
-        scaler: an optional ``torch.amp.GradScaler``.
-        grad_clip: optional max gradient norm per optimiser.
-
-    Returns:
-        The losses of the last pass as floats, plus ``loss`` (their sum) and ``acc`` (plain
-        branch accuracy), like the official log.
-    """
-    _check_choice("mode", mode, UPDATE_MODES)
-    if hmg_optimizer is None and mode == "two_pass":
-        raise ValueError("the two-pass DPM update needs the HMG optimiser; use mode='single_pass'")
-    fwd = forward if forward is not None else model
-
-    def run() -> Tuple[Tensor, Dict[str, Tensor], Dict[str, Any]]:
-        ctx = autocast() if autocast is not None else contextlib.nullcontext()
-        with ctx:
-            outputs = fwd(images, cam_ids=cam_ids)
-            losses = model.loss(outputs, pids)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"non-finite DPM loss {float(total.detach())} "
-                f"({ {k: float(v.detach()) for k, v in losses.items()} })"
-            )
-        return total, losses, outputs
-
-    def backward(total: Tensor) -> None:
-        (scaler.scale(total) if scaler is not None else total).backward()
-
-    if mode == "two_pass":
-        optimizer.zero_grad(set_to_none=True)
-        total, losses, outputs = run()
-        backward(total)
-        _step(optimizer, scaler, grad_clip)
-        hmg_optimizer.zero_grad(set_to_none=True)
-        total, losses, outputs = run()
-        backward(total)
-        _step(hmg_optimizer, scaler, grad_clip)
-    else:
-        optimizers = [o for o in (optimizer, hmg_optimizer) if o is not None]
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
-        total, losses, outputs = run()
-        backward(total)
-        for o in optimizers:
-            _step(o, scaler, grad_clip, update=False)
-        if scaler is not None:
-            scaler.update()
-    stats = {k: float(v.detach()) for k, v in losses.items()}
-    stats["loss"] = float(total.detach())
-    with torch.no_grad():
-        stats["acc"] = float((outputs["logits"].argmax(1) == pids).float().mean())
-    return stats
 
 
 # --------------------------------------------------------------------------------------------
