@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ...utils import OccReIDError
 from ..spec import MethodSpec, ParamSet, register_method
+from .retrieval import MaskedCosineDistance
 from .model import (
     DPM,
     HeadEnrichModule,
@@ -91,8 +92,6 @@ class DPMSpec(MethodSpec):
 
     def retrieval_distance(self, model: nn.Module, query: Mapping[str, Tensor], gallery: Mapping[str, Tensor]):
         """Each query's mask applied to every gallery feature; gallery masks unused."""
-        from ...evaluation.masked_distance import MaskedCosineDistance
-
         if "mask" not in query:
             return None
         return MaskedCosineDistance(
