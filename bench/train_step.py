@@ -6,6 +6,7 @@
     python bench/train_step.py --dpm-second-pass full   # DPM's official full second pass
     python bench/train_step.py --compile            # torch.compile the model forward
     python bench/train_step.py --device cuda --amp bf16
+    python bench/train_step.py --no-malloc-tuning   # glibc / torch allocator defaults
 
 Each method runs the engine's one training step (``occreid.engine.step.TrainStep``, what
 ``occreid train`` runs) with the method's own optimisers: the baseline's forward/loss/backward/
@@ -53,6 +54,9 @@ def run_one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from occreid.config import DEFAULTS
+    from occreid.utils.cpu_memory import tune_cpu_allocator
+
+    malloc_tuned = tune_cpu_allocator() if args.device == "cpu" else False  # as occreid train does
     from occreid.engine.step import TrainStep, build_method_optimizers
     from occreid.methods import build_model, get_method
 
@@ -128,6 +132,8 @@ def run_one(args) -> dict:
         "device": args.device,
         "amp": args.amp,
         "threads": torch.get_num_threads(),
+        "malloc_tuned": malloc_tuned,
+        "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
         "step_s": round(med, 4),
         "times_s": [round(t, 3) for t in times],
         "warmup_s": round(warmup_s, 3),
@@ -191,6 +197,8 @@ def main() -> None:
     p.add_argument("--dpm-second-pass", default=None, choices=["hmg_only", "full"],
                    help="DPM's second pass (default: the model's default, hmg_only)")
     p.add_argument("--profile", action="store_true", help="profile one extra step per method")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="glibc/torch allocator defaults (OCCREID_NO_MALLOC_TUNING=1 in the children)")
     p.add_argument("--top", type=int, default=25, help="operators shown by --profile")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--method", default="baseline", help=argparse.SUPPRESS)
@@ -198,6 +206,8 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        import occreid._env  # noqa: F401  (before torch, as the occreid command does)
+
         print(json.dumps(run_one(args)))
         return
     import torch
@@ -218,7 +228,8 @@ def main() -> None:
                                     ("--profile", args.profile and rep == 0)) if on]
             if args.dpm_second_pass:
                 cmd += ["--dpm-second-pass", args.dpm_second_pass]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, **({"OCCREID_NO_MALLOC_TUNING": "1"} if args.no_malloc_tuning else {}))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 print(f"{method} {model}: failed\n{out.stderr[-3000:]}")
                 continue
@@ -226,7 +237,7 @@ def main() -> None:
             print(f"  [{rep + 1}/{args.repeats}] {method:<9}{model:<20} {r['step_s']:.2f} s "
                   f"(timed {r['times_s']}, warm-up {r['warmup_s']} s), {r['cpu_peak_rss_GiB']:.2f} GiB; per step "
                   f"user {r['user_s_per_step']} s, sys {r['sys_s_per_step']} s, "
-                  f"{r['minor_faults_per_step']} page faults; load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"{r['minor_faults_per_step']} page faults (malloc tuned {r['malloc_tuned']}, THP {r['thp_alloc']}); load {os.getloadavg()[0]:.2f}", flush=True)
             if "profile" in r:
                 print(f"\n## profile: {method} {model} (one step, top {args.top} by self CPU time)\n{r.pop('profile')}",
                       flush=True)

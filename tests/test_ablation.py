@@ -76,3 +76,27 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     md = format_markdown(result)
     assert "| baseline (softmax + triplet) | 0,1,2 | 21.0 ± 1.0 |" in md
     assert "0 (single seed) | 30.0 |" in md and "post-BNNeck" in md
+
+
+def test_v1_recipe_reads_the_v1_configs_into_their_own_runs(tmp_path):
+    from occreid.ablation import table_dir
+    from occreid.config import config_path, load_config
+    from occreid.utils import OccReIDError
+
+    cur, old = get_table("fed-components"), get_table("fed-components", "v1")
+    assert len(cur.rows) == len(old.rows) and "recipe v1" in old.title
+    for a, b in zip(cur.rows, old.rows):
+        assert b.run == f"v1_{a.run}" and b.overrides == a.overrides and b.label == a.label
+        assert b.config == a.config.replace("synthocc/", "synthocc/v1/")
+        assert config_path(b.config).is_file()
+    # the v1 baseline is the old recipe (patch 16, label smoothing, per-epoch schedule, 36 epochs)
+    v1 = load_config(config_path("synthocc/v1/baseline_demo"))
+    now = load_config(config_path("synthocc/baseline_demo"))
+    assert (v1["model"]["backbone"], v1["model"]["label_smoothing"], v1["solver"]["max_epochs"]) == ("vit_mini_patch16", 0.1, 36)
+    assert (v1["solver"]["lr_schedule"], now["solver"]["lr_schedule"]) == ("epoch", "iteration")
+    # v1's FED and DPM inherit the v1 baseline, with the official plain CE and soft margin
+    v1_fed = load_config(config_path("synthocc/v1/fed_demo"))
+    assert v1_fed["model"]["backbone"] == "vit_mini_patch16" and v1_fed["model"]["label_smoothing"] == 0.0
+    assert table_dir(tmp_path, "fed-k", "v1") == tmp_path / "fed-k_v1" and table_dir(tmp_path, "fed-k") == tmp_path / "fed-k"
+    with pytest.raises(OccReIDError, match="recipe"):
+        get_table("fed-k", "v3")

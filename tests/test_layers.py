@@ -13,7 +13,7 @@ PKG = Path(occreid.__file__).parent
 
 #: Lowest first; a module may import its own layer's packages or lower ones only.
 LAYERS: List[Set[str]] = [
-    {"occreid", "utils"},  # the package root only defines __version__ (and lazy attributes)
+    {"occreid", "utils", "_env"},  # the package root only defines __version__ (and lazy attributes)
     {"config", "configs", "data", "models", "losses"},
     {"methods"},
     {"evaluation"},

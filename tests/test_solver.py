@@ -81,3 +81,41 @@ def test_sgd_is_fused_and_matches_the_per_tensor_loop_bit_for_bit():
             opt.step()
         out.append([p.detach() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_per_iteration_schedule_is_smooth_warmup_then_shifted_cosine():
+    opt = build_optimizer(Tiny().named_parameters(), "SGD", base_lr=0.1)
+    sch = WarmupCosineLR(opt, max_epochs=10, warmup_epochs=2, warmup_lr=0.004, min_lr=0.0002, per_iteration=True)
+    w_lr = lambda: opt.param_groups[0]["lr"]  # noqa: E731
+    base = opt.param_groups[0]["initial_lr"]
+    sch.step(1, 0.0)
+    assert w_lr() == pytest.approx(0.004)  # the first batch of the run: warmup_lr
+    sch.step(1, 0.5)
+    assert w_lr() == pytest.approx(0.004 + 0.5 * (base - 0.004) / 2)  # half an epoch into a 2-epoch warm-up
+    sch.step(3, 0.0)
+    assert w_lr() == pytest.approx(base)  # warm-up done: the cosine starts at the base lr
+    sch.step(6, 0.25)  # t = 5.25 epochs: (5.25 - 2) / 8 of the cosine
+    want = 0.0002 + 0.5 * (base - 0.0002) * (1 + math.cos(math.pi * 3.25 / 8))
+    assert w_lr() == pytest.approx(want)
+    # monotone: up during the warm-up, down afterwards, never below min_lr
+    lrs = []
+    for e in range(1, 11):
+        for i in range(4):
+            sch.step(e, i / 4)
+            lrs.append(w_lr())
+    assert all(a < b for a, b in zip(lrs[:8], lrs[1:9]))
+    assert all(a >= b for a, b in zip(lrs[8:], lrs[9:])) and min(lrs) >= 0.0002
+    assert sch.state_dict()["per_iteration"] is True
+    # the per-epoch form ignores progress
+    sch_e = WarmupCosineLR(opt, max_epochs=10, warmup_epochs=2, warmup_lr=0.004, min_lr=0.0002)
+    sch_e.step(1, 0.9)
+    assert w_lr() == pytest.approx(0.004 + (base - 0.004) / 2)
+
+
+def test_lr_schedule_config_key_is_validated():
+    from occreid.config import load_config
+    from occreid.utils import OccReIDError
+
+    assert load_config(None, ["solver.lr_schedule=iteration"])["solver"]["lr_schedule"] == "iteration"
+    with pytest.raises(OccReIDError, match="lr_schedule"):
+        load_config(None, ["solver.lr_schedule=batch"])

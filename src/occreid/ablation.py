@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -43,7 +43,12 @@ from .utils import OccReIDError, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Row", "Table", "TABLES", "plan_runs", "run_table", "summarise", "format_markdown"]
+__all__ = ["Row", "Table", "TABLES", "RECIPES", "get_table", "table_dir", "plan_runs", "run_table", "summarise",
+           "format_markdown"]
+
+#: Demo recipes a table can run with: ``current`` (``configs/synthocc/*_demo.yaml``) or ``v1``
+#: (``configs/synthocc/v1/``, the recipe of the first round of tables in docs/results.md).
+RECIPES = ("current", "v1")
 
 
 @dataclass(frozen=True)
@@ -169,10 +174,26 @@ COLUMNS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 )
 
 
-def get_table(name: str) -> Table:
+def get_table(name: str, recipe: str = "current") -> Table:
+    """Ablation ``name`` with the demo ``recipe`` (:data:`RECIPES`); the ``v1`` rows read their
+    configs from ``synthocc/v1/`` and train into runs named ``v1_<run>``."""
     if name not in TABLES:
         raise OccReIDError(f"unknown ablation {name!r}; choose one of {', '.join(TABLES)}")
-    return TABLES[name]
+    if recipe not in RECIPES:
+        raise OccReIDError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    table = TABLES[name]
+    if recipe == "current":
+        return table
+    rows = tuple(
+        replace(r, run=f"{recipe}_{r.run}", config=r.config.replace("synthocc/", f"synthocc/{recipe}/", 1))
+        for r in table.rows
+    )
+    return replace(table, title=f"{table.title}, recipe {recipe}", rows=rows)
+
+
+def table_dir(output: os.PathLike, name: str, recipe: str = "current") -> Path:
+    """Where ``run_table`` writes the results of table ``name`` (``<name>_v1`` for recipe v1)."""
+    return Path(output) / (name if recipe == "current" else f"{name}_{recipe}")
 
 
 def plan_runs(table: Table, seeds: Sequence[int]) -> List[Tuple[Row, int]]:
@@ -224,9 +245,11 @@ def run_table(
     data_root: Optional[str] = None,
     extra_overrides: Sequence[str] = (),
     dry_run: bool = False,
+    recipe: str = "current",
 ) -> Dict[str, Any]:
-    """Train (or reuse) every run of ablation ``name`` and write its results; returns them."""
-    table = get_table(name)
+    """Train (or reuse) every run of ablation ``name`` with the demo ``recipe`` and write its
+    results; returns them."""
+    table = get_table(name, recipe)
     output = Path(output)
     plan = plan_runs(table, list(seeds))
     jobs = max(1, int(jobs))
@@ -278,10 +301,10 @@ def run_table(
             if not target.is_file() and _NO_MASK not in row.overrides:
                 atomic_write_text(json.dumps(_post_bn_metrics(folder), indent=2), target)
     result = summarise(table, output, list(seeds))
-    table_dir = output / name
-    table_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(result, indent=2), table_dir / "results.json")
-    atomic_write_text(format_markdown(result), table_dir / "results.md")
+    where = table_dir(output, name, recipe)
+    where.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(result, indent=2), where / "results.json")
+    atomic_write_text(format_markdown(result), where / "results.md")
     return result
 
 

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from . import _env  # noqa: F401  (first: environment read when torch is imported)
+
 import argparse
 import json
 import logging
@@ -20,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .ablation import format_markdown, run_table
+from .ablation import RECIPES, format_markdown, run_table, table_dir
 from .config import load_config
 from .data.synthetic import generate_synthocc, save_preview_grid, synthocc_generation
-from .demo import print_metrics, run_demo
+from .demo import DEMO_COMPARE, demo_config, print_metrics, run_demo, side_by_side
 from .engine.build import build_datasets, model_from_checkpoint, resolve_amp, resolve_device
 from .engine.curves import plot_training_log
 from .engine.rundir import prepare_run_dir
@@ -123,26 +125,40 @@ def cmd_demo(args) -> int:
     aside = prepare_run_dir(args.output, overwrite=args.overwrite, command="demo")
     if aside is not None:
         print(f"the previous demo run in {args.output} was moved to {aside}")
-    run_demo(
-        output=args.output,
-        data_root=args.data_root,
-        method=args.method,
-        epochs=args.epochs,
-        seed=args.seed,
-        device=args.device,
-        overrides=args.overrides,
-    )
+    compare = None if args.compare in ("none", args.method) else args.compare
+    if compare is not None:
+        demo_config(compare)  # an unknown method fails now, not after the first training
+    results = {}
+    for method, out in ((args.method, args.output), (compare, f"{args.output}_{compare}")):
+        if method is None:
+            continue
+        if method != args.method:
+            aside = prepare_run_dir(out, overwrite=args.overwrite, command="demo")
+            if aside is not None:
+                print(f"the previous demo run in {out} was moved to {aside}")
+            print(f"\n== {method} (beside {args.method}), in {out}")
+        results[method] = run_demo(
+            output=out,
+            data_root=args.data_root,
+            method=method,
+            epochs=args.epochs,
+            seed=args.seed,
+            device=args.device,
+            overrides=args.overrides,
+        )
+    if len(results) > 1:
+        print("\n" + side_by_side(results))
     return 0
 
 
 def cmd_ablate(args) -> int:
     result = run_table(
         args.table, args.output, args.seeds, jobs=args.jobs, threads=args.threads,
-        data_root=args.data_root, extra_overrides=args.overrides, dry_run=args.dry_run,
+        data_root=args.data_root, extra_overrides=args.overrides, dry_run=args.dry_run, recipe=args.recipe,
     )
     if result:
         print(format_markdown(result))
-        print(f"results in {Path(args.output) / args.table}")
+        print(f"results in {table_dir(args.output, args.table, args.recipe)}")
     return 0
 
 
@@ -264,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the SynthOcc dataset, generated into DATA_ROOT/SynthOcc on first use "
                         "(default: %(default)s)")
     d.add_argument("--method", default="baseline", help="baseline | fed | dpm (default: %(default)s)")
+    d.add_argument("--compare", default=DEMO_COMPARE,
+                   help="a second method trained the same way into OUTPUT_<method> and shown beside the first "
+                        "on occluded queries; none: only --method (default: %(default)s)")
     d.add_argument("--epochs", type=_positive_int, default=None,
                    help="training epochs (default: solver.max_epochs of the demo config)")
     d.add_argument("--seed", type=_count, default=0, help="training seed, solver.seed (default: %(default)s)")
@@ -284,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=_positive_int, help="torch threads per run (default: cores / jobs)")
     a.add_argument("--data-root", help="folder holding SynthOcc (default: data.root of the configs)")
     a.add_argument("--dry-run", action="store_true", help="print the training commands left to run")
+    a.add_argument("--recipe", default="current", choices=RECIPES,
+                   help="demo recipe: current (configs/synthocc) or v1 (configs/synthocc/v1, the first tables "
+                        "of docs/results.md) (default: %(default)s)")
     a.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every row")
     a.set_defaults(func=cmd_ablate)
 

@@ -79,6 +79,7 @@ DEFAULTS: Dict[str, Any] = {
         "warmup_epochs": 5,
         "warmup_lr_factor": 0.01,  # warmup starts at this fraction of base_lr
         "min_lr_factor": 0.002,  # cosine floor as a fraction of base_lr
+        "lr_schedule": "epoch",  # epoch (official: lr set once per epoch) | iteration (smooth, every batch)
         "seed": 1234,
         "amp": "auto",  # auto (bf16 on CUDA if supported, else fp32) | bf16 | fp16 | fp32
         "compile": False,
@@ -292,6 +293,7 @@ def load_config(
 
 _CHOICES = {
     ("solver", "amp"): ("auto", "bf16", "fp16", "fp32"),
+    ("solver", "lr_schedule"): ("epoch", "iteration"),
     ("test", "metric"): ("euclidean", "cosine"),
     ("progress",): ("auto", "on", "off"),
 }

@@ -51,6 +51,26 @@ def print_metrics(m: Dict) -> None:
         print(f"  {g:>9}: mAP {v['mAP']:.1%}  R1 {v['rank1']:.1%}  ({v['num_queries']} queries)")
 
 
+#: The method ``occreid demo`` trains after the baseline by default, to show them side by side.
+DEMO_COMPARE = "fed"
+
+#: Columns of the side-by-side table: (heading, by_occlusion group or None for all queries).
+_SIDE_COLUMNS = (("occluded", "occluded"), ("npo", "npo"), ("ntp", "ntp"), ("holistic", "holistic"), ("all", None))
+
+
+def side_by_side(results: Dict[str, Dict]) -> str:
+    """A table of mAP / R1 (%) per method (rows, in the order given) and query group."""
+    head = f"{'method':<10}" + "".join(f"{h:>15}" for h, _ in _SIDE_COLUMNS)
+    lines = ["side by side (mAP / R1, %):", head, "-" * len(head)]
+    for method, m in results.items():
+        cells = []
+        for _, g in _SIDE_COLUMNS:
+            v = m if g is None else (m.get("by_occlusion") or {}).get(g)
+            cells.append(f"{100 * v['mAP']:.1f} / {100 * v['rank1']:.1f}" if v else "-")
+        lines.append(f"{method:<10}" + "".join(f"{c:>15}" for c in cells))
+    return "\n".join(lines)
+
+
 def run_demo(
     output: str = "outputs/demo",
     data_root: str = "data",

@@ -79,6 +79,15 @@ class WarmupCosineLR:
 
     ``warmup_lr`` and ``min_lr`` are scalars shared by all groups (as in the official code).
     ``step(epoch)`` is called before the epoch's iterations.
+
+    ``per_iteration=True`` (config ``solver.lr_schedule: iteration``): the same warm-up and cosine
+    as smooth functions of the training time ``t = epoch - 1 + progress`` (epochs done, with
+    ``progress`` the fraction of the current epoch, stepped before every batch): a linear
+    warm-up from ``warmup_lr`` to ``v`` over the first ``warmup`` epochs, then the cosine from
+    ``v`` to ``min_lr`` over the remaining ``T - warmup`` (shifted by the warm-up, so it starts
+    at ``v``). The per-epoch form keeps a short run at ``warmup_lr``-like rates for whole epochs
+    and starts its cosine already decayed; the per-iteration form is what short runs want
+    (docs/results.md, issue #13: on SynthOcc it is the difference between ID loss 2.8 and 1.4).
     """
 
     def __init__(
@@ -88,17 +97,27 @@ class WarmupCosineLR:
         warmup_epochs: int = 5,
         warmup_lr: float = 8e-5,
         min_lr: float = 1.6e-5,
+        per_iteration: bool = False,
     ) -> None:
         self.optimizer = optimizer
         self.max_epochs = int(max_epochs)
         self.warmup_epochs = int(warmup_epochs)
         self.warmup_lr = float(warmup_lr)
         self.min_lr = float(min_lr)
+        self.per_iteration = bool(per_iteration)
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
         self.last_epoch = 0
 
-    def lr_at(self, epoch: int, base_lr: float) -> float:
+    def lr_at(self, epoch: int, base_lr: float, progress: float = 0.0) -> float:
+        if self.per_iteration:
+            t = max(0.0, int(epoch) - 1 + float(progress))
+            w, total = float(self.warmup_epochs), float(self.max_epochs)
+            if t < w:
+                return self.warmup_lr + t * (base_lr - self.warmup_lr) / w
+            if t >= total or total <= w:
+                return self.min_lr
+            return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1 + math.cos(math.pi * (t - w) / (total - w)))
         e = int(epoch)
         if e < self.warmup_epochs:
             return self.warmup_lr + e * (base_lr - self.warmup_lr) / self.warmup_epochs
@@ -106,10 +125,12 @@ class WarmupCosineLR:
             return self.min_lr
         return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1 + math.cos(math.pi * e / self.max_epochs))
 
-    def step(self, epoch: int) -> None:
+    def step(self, epoch: int, progress: float = 0.0) -> None:
+        """Learning rates for ``epoch`` (1-based); ``progress`` in [0, 1): the fraction of the
+        epoch done (used with ``per_iteration``)."""
         self.last_epoch = int(epoch)
         for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(epoch, g["initial_lr"])
+            g["lr"] = self.lr_at(epoch, g["initial_lr"], progress)
 
     def get_last_lr(self) -> List[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -121,6 +142,7 @@ class WarmupCosineLR:
             "warmup_epochs": self.warmup_epochs,
             "warmup_lr": self.warmup_lr,
             "min_lr": self.min_lr,
+            "per_iteration": self.per_iteration,
         }
 
     def load_state_dict(self, state: Dict) -> None:
@@ -156,6 +178,7 @@ def build_optimizers(param_sets: Sequence[Any], solver: Dict[str, Any]) -> Tuple
                     warmup_epochs=s["warmup_epochs"],
                     warmup_lr=s["warmup_lr_factor"] * s["base_lr"],
                     min_lr=s["min_lr_factor"] * s["base_lr"],
+                    per_iteration=s["lr_schedule"] == "iteration",
                 )
             )
     return optimizers, schedulers

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import dump_config
 from ..evaluation.extract import evaluate_features, extract_features, split_query_gallery
+from ..utils.cpu_memory import tune_cpu_allocator
 from ..utils import distributed as du
 from ..utils.device import autocast_context, resolve_amp, resolve_device
 from ..utils.io import OccReIDError, atomic_write_text
@@ -172,6 +173,8 @@ class Trainer:
         if self.start_epoch > max_epochs and (self.output_dir / "model_final.pth").is_file():  # else: killed before it
             logger.info("training already finished (%d epochs)", max_epochs)
             return self.last_metrics
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # fewer page faults per step (occreid.utils.cpu_memory)
         self.spec.on_train_start(m, self.train_eval_loader, self.device)
         if du.is_main():
             atomic_write_text(dump_config(self.cfg), self.output_dir / "config.yaml")
@@ -193,7 +196,11 @@ class Trainer:
             n_iter = 0
             t0 = time.time()
             bar = Progress(len(self.train_loader), f"epoch {epoch}/{max_epochs}", self.show_progress)
+            per_iter = [sch for sch in self.schedulers if getattr(sch, "per_iteration", False)]
+            n_batches = max(1, len(self.train_loader))
             for batch in self.train_loader:
+                for sch in per_iter:  # solver.lr_schedule: iteration
+                    sch.step(epoch, n_iter / n_batches)
                 batch = self.to_device(batch)
                 stats = self.step(batch)
                 for k, v in stats.items():
