@@ -52,7 +52,7 @@ def print_metrics(m: Dict) -> None:
 
 
 #: The method ``occreid demo`` trains after the baseline by default, to show them side by side.
-DEMO_COMPARE = "fed"
+DEMO_COMPARE = "dpm"
 
 #: Columns of the side-by-side table: (heading, by_occlusion group or None for all queries).
 _SIDE_COLUMNS = (("occluded", "occluded"), ("npo", "npo"), ("ntp", "ntp"), ("holistic", "holistic"), ("all", None))

@@ -178,7 +178,7 @@ def build_optimizers(param_sets: Sequence[Any], solver: Dict[str, Any]) -> Tuple
                     warmup_epochs=s["warmup_epochs"],
                     warmup_lr=s["warmup_lr_factor"] * s["base_lr"],
                     min_lr=s["min_lr_factor"] * s["base_lr"],
-                    per_iteration=s["lr_schedule"] == "iteration",
+                    per_iteration=s.get("lr_schedule", "epoch") == "iteration",
                 )
             )
     return optimizers, schedulers
