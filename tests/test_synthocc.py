@@ -372,6 +372,7 @@ def test_tiny_output_is_unchanged_by_the_new_presets(tiny):
     assert _tree_sha256(tiny) == TINY_TREE_SHA256
     info = json.loads((tiny / "synthocc.json").read_text())
     assert "framing" not in info["preset_params"]  # old presets write no new keys
+    assert "appearance" not in info["preset_params"]
 
 
 def _placements(preset: Preset, monkeypatch, n: int = 40) -> np.ndarray:
@@ -413,3 +414,25 @@ def test_detector_preset_generates_and_records_framing(tmp_path):
     info = json.loads((root / "synthocc.json").read_text())
     assert info["preset"] == "tiny_detector" and info["preset_params"]["framing"] == "detector"
     assert generate_synthocc(root, "tiny_detector", seed=0) == root  # reused, not refused
+
+
+def test_part_cues_change_only_the_head_and_feet_of_dataset_identities():
+    cues, plain = PRESETS["tiny_cues"], TINY
+    assert cues.appearance == "part_cues" and PRESETS["demo_cues"].appearance == "part_cues"
+    assert TINY.appearance == PRESETS["demo"].appearance == "outfit"
+    a, b = gen_mod._build_plan(plain, 3), gen_mod._build_plan(cues, 3)
+    assert a.jobs == b.jobs  # the same images, cameras, occlusions and pids
+    head_feet = {"hair_style", "hair_color", "cap_color", "shoe_color"}
+    n_pool = plain.ntp_pool_size
+    dataset = list(zip(a.people[:-n_pool], b.people[:-n_pool]))
+    for pa, pb in dataset:
+        da, db = pa.__dict__, pb.__dict__
+        assert {k for k in da if da[k] != db[k]} <= head_feet  # the outfit is untouched
+    assert a.people[-n_pool:] == b.people[-n_pool:]  # NTP pool pedestrians keep theirs
+    # the cues are per identity: siblings (and everyone else) differ in shoes and caps
+    shoes = [pb.shoe_color for _, pb in dataset]
+    assert len(set(shoes)) == len(shoes)
+    styles = {pb.hair_style for _, pb in dataset}
+    assert styles == {"short", "long", "shaved", "cap"}
+    with pytest.raises(ValueError, match="appearance"):
+        Preset(name="x", num_train_ids=2, num_query_ids=2, num_distractor_ids=0, appearance="painted")

@@ -308,6 +308,27 @@ def _choose_cams(rng: np.random.Generator, k_range: Tuple[int, int], n_cams: int
     return sorted(int(c) + 1 for c in rng.choice(n_cams, size=k, replace=False))
 
 
+#: Hair styles of ``appearance="part_cues"`` identities (uniform).
+_CUE_HAIR_STYLES = ("short", "long", "shaved", "cap")
+
+
+def _part_cues(specs: Sequence[PersonSpec], seed: int) -> List[PersonSpec]:
+    """Each identity's own head and feet (``Preset.appearance == "part_cues"``): hair style,
+    hair colour (a natural base colour, strongly varied), cap colour and shoe colour (any
+    colour), from a random stream of their own, so the plan's other draws are unchanged."""
+    rng = np.random.default_rng([seed, 0xC0E5])
+    bases = list(HAIR_COLORS.values())
+    out = []
+    for spec in specs:
+        style = _CUE_HAIR_STYLES[int(rng.integers(len(_CUE_HAIR_STYLES)))]
+        base = np.asarray(bases[int(rng.integers(len(bases)))], np.float64)
+        hair = tuple(int(v) for v in np.clip(base + rng.uniform(-45, 45, 3), 0, 255))
+        cap = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shoe = tuple(int(v) for v in rng.integers(0, 256, 3))
+        out.append(replace(spec, hair_style=style, hair_color=hair, cap_color=cap, shoe_color=shoe))
+    return out
+
+
 def _build_plan(preset: Preset, seed: int) -> Plan:
     rng = np.random.default_rng([seed, 0x5E17_0CC])
     cams = CAMERAS[: preset.num_cameras]
@@ -318,6 +339,9 @@ def _build_plan(preset: Preset, seed: int) -> Plan:
     test_specs, test_fams = sample_identities(rng, n_test, **kw)
     pool_specs, _ = sample_identities(rng, preset.ntp_pool_size, family_size=(1, 1),
                                       kind_weights=(0, 0, 1), taken=taken)
+    if preset.appearance == "part_cues":  # the NTP pool (non-dataset pedestrians) keeps its outfits
+        cued = _part_cues(train_specs + test_specs, seed)
+        train_specs, test_specs = cued[: len(train_specs)], cued[len(train_specs):]
     people = train_specs + test_specs + pool_specs
     n_train = len(train_specs)
     test_idx = list(range(n_train, n_train + n_test))
