@@ -54,11 +54,11 @@ def run_one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from occreid.config import DEFAULTS
+    from occreid.engine.step import TrainStep, build_method_optimizers
+    from occreid.methods import build_model, get_method
     from occreid.utils.cpu_memory import tune_cpu_allocator
 
     malloc_tuned = tune_cpu_allocator() if args.device == "cpu" else False  # as occreid train does
-    from occreid.engine.step import TrainStep, build_method_optimizers
-    from occreid.methods import build_model, get_method
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import sys
 
-if (
-    sys.platform.startswith("linux")
-    and "torch" not in sys.modules
-    and os.environ.get("OCCREID_NO_MALLOC_TUNING", "") in ("", "0")
-):
+
+def allocator_tuning_off() -> bool:
+    """``OCCREID_NO_MALLOC_TUNING`` set (to anything but ``0``): keep the allocator defaults."""
+    return os.environ.get("OCCREID_NO_MALLOC_TUNING", "") not in ("", "0")
+
+
+if sys.platform.startswith("linux") and "torch" not in sys.modules and not allocator_tuning_off():
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

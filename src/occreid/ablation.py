@@ -307,7 +307,7 @@ def run_table(
         for row, seed in plan:
             folder = run_dir(output, row, seed)
             target = folder / "metrics_post_bn.json"
-            if not target.is_file() and _NO_MASK not in row.overrides:  # _PRE_BN is undone there
+            if not target.is_file() and _NO_MASK not in row.overrides:  # re-evaluated with model.neck_feat=after
                 atomic_write_text(json.dumps(_post_bn_metrics(folder), indent=2), target)
     result = summarise(table, output, list(seeds))
     where = table_dir(output, name, recipe)

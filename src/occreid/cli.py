@@ -122,20 +122,17 @@ def cmd_synth(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    aside = prepare_run_dir(args.output, overwrite=args.overwrite, command="demo")
-    if aside is not None:
-        print(f"the previous demo run in {args.output} was moved to {aside}")
     compare = None if args.compare in ("none", args.method) else args.compare
+    runs = [(args.method, args.output)]
     if compare is not None:
         demo_config(compare)  # an unknown method fails now, not after the first training
+        runs.append((compare, f"{args.output}_{compare}"))
     results = {}
-    for method, out in ((args.method, args.output), (compare, f"{args.output}_{compare}")):
-        if method is None:
-            continue
+    for method, out in runs:
+        aside = prepare_run_dir(out, overwrite=args.overwrite, command="demo")
+        if aside is not None:
+            print(f"the previous demo run in {out} was moved to {aside}")
         if method != args.method:
-            aside = prepare_run_dir(out, overwrite=args.overwrite, command="demo")
-            if aside is not None:
-                print(f"the previous demo run in {out} was moved to {aside}")
             print(f"\n== {method} (beside {args.method}), in {out}")
         results[method] = run_demo(
             output=out,

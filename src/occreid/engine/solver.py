@@ -87,7 +87,8 @@ class WarmupCosineLR:
     ``v`` to ``min_lr`` over the remaining ``T - warmup`` (shifted by the warm-up, so it starts
     at ``v``). The per-epoch form keeps a short run at ``warmup_lr``-like rates for whole epochs
     and starts its cosine already decayed; the per-iteration form is what short runs want
-    (docs/results.md, issue #13: on SynthOcc it is the difference between ID loss 2.8 and 1.4).
+    (docs/results.md, issue #13: the 12-epoch SynthOcc demo recipe ends at ID loss 1.30 and
+    holistic / occluded mAP 54.6 / 33.3 with it, 1.99 and 34.3 / 17.2 per epoch).
     """
 
     def __init__(

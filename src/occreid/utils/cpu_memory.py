@@ -5,8 +5,8 @@ With glibc's defaults every such block above the dynamic mmap threshold is a fre
 whose pages fault in one by one, and freed memory at the top of the heap is trimmed and
 faulted in again at the next step. :func:`tune_cpu_allocator` keeps those blocks in the heap
 (``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 2 GiB, ``M_TOP_PAD`` 256 MiB), which cuts
-the page faults of a ViT-B step on the CPU from 106k to 6k (baseline), 178k to 15k (FED) and
-912k to 23k (DPM) (docs/benchmarks.md). Peak memory does not grow: the settings keep memory
+the page faults of a ViT-B step on the CPU from 129k to 6k (baseline), 241k to 14k (FED) and
+1.23M to 18k (DPM) (docs/benchmarks.md). Peak memory does not grow: the settings keep memory
 already used, they do not allocate more.
 
 Only glibc Linux is touched; elsewhere (macOS, Windows, musl) it is a no-op. Set
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 from typing import Dict
+
+from .._env import allocator_tuning_off
 
 __all__ = ["tune_cpu_allocator", "allocator_tuned", "MALLOC_SETTINGS"]
 
@@ -49,7 +50,7 @@ def tune_cpu_allocator() -> bool:
     """
     if _state["tuned"]:
         return True
-    if os.environ.get("OCCREID_NO_MALLOC_TUNING", "") not in ("", "0") or not sys.platform.startswith("linux"):
+    if allocator_tuning_off() or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -59,7 +60,7 @@ def tune_cpu_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # glibc's mallopt takes an int: values above 2 GiB - 1 are clipped to it.
+    # mallopt takes a C int: M_TRIM_THRESHOLD is the largest one, 2 GiB - 1.
     ok = all(mallopt(_CODES[k], v) == 1 for k, v in MALLOC_SETTINGS.items())
     _state["tuned"] = ok
     return ok
