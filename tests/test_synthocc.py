@@ -436,3 +436,68 @@ def test_part_cues_change_only_the_head_and_feet_of_dataset_identities():
     assert styles == {"short", "long", "shaved", "cap"}
     with pytest.raises(ValueError, match="appearance"):
         Preset(name="x", num_train_ids=2, num_query_ids=2, num_distractor_ids=0, appearance="painted")
+
+
+def test_rich_preset_keeps_the_plan_and_the_families():
+    rich = PRESETS["tiny_rich"]
+    assert (rich.appearance, rich.framing, rich.background_variants) == ("rich", "detector", 4)
+    assert PRESETS["demo_rich"].appearance == PRESETS["full_rich"].appearance == "rich"
+    a, b = gen_mod._build_plan(TINY, 5), gen_mod._build_plan(rich, 5)
+    assert a.jobs == b.jobs  # the same images, cameras, occlusions and pids
+    assert len(a.panorama_seeds) == len(TINY_CAMS := a.cameras)
+    assert len(b.panorama_seeds) == 4 * len(TINY_CAMS) and b.panorama_seeds[:6] == a.panorama_seeds
+    people = b.people[: len(b.people) - rich.ntp_pool_size]
+    # every dataset identity is textured somewhere and the cues are drawn per identity
+    assert sum(bool(p.upper_texture) for p in people) >= len(people) // 2
+    assert sum(bool(p.lower_texture) for p in people) >= len(people) // 2
+    assert {p.hat for p in b.people} >= {"", "beanie", "brim", "hood"}
+    assert len({p.shoe_color for p in people}) == len(people)
+    by_pid = {}
+    for j in b.jobs:
+        by_pid.setdefault(j.pid, j.person)
+    for kind, pids in b.families:
+        members = [b.people[by_pid[pid]] for pid in pids if pid in by_pid]
+        for m in members[1:]:
+            up = [getattr(m, k) == getattr(members[0], k) for k in
+                  ("upper_texture", "upper_texture_color", "texture_seed", "upper_color")]
+            lo = [getattr(m, k) == getattr(members[0], k) for k in
+                  ("lower_texture", "lower_texture_color", "lower_texture_seed", "lower_color")]
+            assert m.width == members[0].width  # the shared build, broadened alike
+            if kind == "shared_upper":
+                assert all(up) and not all(lo)
+            elif kind == "shared_lower":
+                assert all(lo) and not all(up)
+    with pytest.raises(ValueError, match="background_variants"):
+        Preset(name="x", num_train_ids=2, num_query_ids=2, num_distractor_ids=0,
+               background_variants=0)
+
+
+def test_texture_is_laid_out_in_body_units_and_only_on_the_garment():
+    from occreid.data.synthetic.render import TEXTURES, _texture_weight, draw_person
+
+    u, v = np.meshgrid(np.linspace(-0.2, 0.2, 41), np.linspace(0, 1, 101))
+    for kind in TEXTURES:
+        t = _texture_weight(kind, 11, u, v)
+        assert t.shape == u.shape and t.min() >= 0 and t.max() <= 1
+        assert 0.02 < t.mean() < 0.98, kind  # both colours appear
+        assert np.array_equal(t, _texture_weight(kind, 11, u, v))  # a function of the seed
+    assert not np.array_equal(_texture_weight("noise", 1, u, v), _texture_weight("noise", 2, u, v))
+    with pytest.raises(ValueError, match="texture"):
+        _texture_weight("paisley", 0, u, v)
+
+    plan = gen_mod._build_plan(PRESETS["tiny_rich"], 0)
+    spec = next(p for p in plan.people if p.upper_texture and p.lower_texture and not p.hat
+                and p.scarf_color is None and p.accessory == "none")
+    plain = gen_mod.replace(spec, upper_texture="", lower_texture="")
+
+    def draw(s, height):
+        im = Image.new("RGBA", (128, 256), (0, 0, 0, 0))
+        draw_person(im, s, view="front", phase=0.3, cx=64, feet_y=250, height=height)
+        return np.asarray(im).astype(int)
+
+    a, b = draw(spec, 240), draw(plain, 240)
+    changed = np.any(a != b, axis=-1)
+    assert changed.any()
+    garment = np.all(b[..., :3] == spec.upper_color, axis=-1) | np.all(b[..., :3] == spec.lower_color, axis=-1)
+    assert not (changed & ~garment).any()  # skin, hair, shoes and background untouched
+    assert np.array_equal(a[..., 3], b[..., 3])  # same silhouette

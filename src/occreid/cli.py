@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the SynthOcc benchmark (its preset and seed are recorded in "
                                    "synthocc.json).")
     s.add_argument("--out", required=True, help="dataset folder to write")
-    s.add_argument("--preset", default="demo", help="tiny | demo | full (default: %(default)s)")
+    s.add_argument("--preset", default="demo_rich",
+                   help="tiny_rich | demo_rich | full_rich (representative), or an older layout: tiny | demo | "
+                        "full, *_detector, *_cues (default: %(default)s)")
     s.add_argument("--seed", type=_count, default=0, help="random seed (default: %(default)s)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset of another preset or seed in --out")
     s.add_argument("--preview", help="also write a contact sheet PNG of generated images")

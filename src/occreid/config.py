@@ -64,7 +64,7 @@ DEFAULTS: Dict[str, Any] = {
         "npo_patch_aug": "official",  # FED: official (no crop) | paper (random crop of the patch)
         "num_instances": 4,
         "num_workers": 4,
-        "synth_preset": "demo",  # used when name is synthocc and the folder does not exist yet
+        "synth_preset": "demo_rich",  # used when name is synthocc and the folder does not exist yet
         "synth_seed": 0,
     },
     "solver": {

@@ -35,8 +35,8 @@ from ...utils import OccReIDError, atomic_write_text
 from ..base import OCCLUSION_TYPES
 from .presets import NEW_FIELD_DEFAULTS, PRESETS, Preset
 from .render import (
-    OCCLUDERS, SUPERSAMPLE, CameraSpec, Figure, PersonSpec, render_occluder_patch,
-    render_panorama, render_scene,
+    HATS, OCCLUDERS, SUPERSAMPLE, TEXTURES, CameraSpec, Figure, PersonSpec,
+    render_occluder_patch, render_panorama, render_scene,
 )
 
 __all__ = [
@@ -298,6 +298,7 @@ class Plan:
     patches: List[Tuple[str, Tuple[int, int], int, int]]  # (kind, (w, h), camera index, seed)
     panorama_seeds: List[int]
     framing: str = "scene"  # Preset.framing
+    background_variants: int = 1  # Preset.background_variants
 
 
 _SIDES = ("top", "bottom", "left", "right")
@@ -329,6 +330,49 @@ def _part_cues(specs: Sequence[PersonSpec], seed: int) -> List[PersonSpec]:
     return out
 
 
+def _rich_cues(specs: Sequence[PersonSpec], families: Sequence[Family], seed: int,
+               salt: int) -> List[PersonSpec]:
+    """``Preset.appearance == "rich"``: the head and feet cues of ``part_cues`` plus garment
+    textures over torso, sleeves and lower garment, hats, scarves, shoes from trainers to
+    boots and a broader build, from a
+    random stream of their own (``salt`` separates the train, test and NTP-pool draws).
+
+    Family semantics are kept: a ``shared_upper`` family shares its upper-body texture, a
+    ``shared_lower`` family its lower-body texture; heads, hats and scarves are every
+    identity's own (real look-alikes still differ there).
+    """
+    rng = np.random.default_rng([seed, 0x21C4, salt])
+    specs = _part_cues(specs, seed * 3 + salt + 1)
+    out = list(specs)
+
+    def color() -> Tuple[int, int, int]:
+        return tuple(int(v) for v in rng.integers(0, 256, 3))  # type: ignore[return-value]
+
+    def texture() -> Tuple[str, Tuple[int, int, int]]:
+        if rng.random() < 0.2:
+            return "", (0, 0, 0)
+        return TEXTURES[int(rng.integers(len(TEXTURES)))], color()
+
+    def seeded_texture() -> Tuple[str, Tuple[int, int, int], int]:
+        return (*texture(), int(rng.integers(0, 2**31 - 1)))
+
+    for fam in families:
+        up = seeded_texture() if fam.kind == "shared_upper" else None
+        lo = seeded_texture() if fam.kind == "shared_lower" else None
+        broad = float(rng.uniform(1.12, 1.3))  # siblings share their build
+        for m in fam.members:
+            u_tex, u_col, u_seed = up if up is not None else seeded_texture()
+            l_tex, l_col, l_seed = lo if lo is not None else seeded_texture()
+            hat = HATS[int(rng.integers(len(HATS)))] if rng.random() < 0.35 else ""
+            shoes = round(float(rng.choice([1.0, 1.3, 1.6, 2.2])), 2)
+            scarf = color() if rng.random() < 0.3 else None
+            out[m] = replace(
+                specs[m], upper_texture=u_tex, upper_texture_color=u_col, texture_seed=u_seed,
+                lower_texture=l_tex, lower_texture_color=l_col, lower_texture_seed=l_seed,
+                hat=hat, scarf_color=scarf, shoe_scale=shoes, width=round(specs[m].width * broad, 3))
+    return out
+
+
 def _build_plan(preset: Preset, seed: int) -> Plan:
     rng = np.random.default_rng([seed, 0x5E17_0CC])
     cams = CAMERAS[: preset.num_cameras]
@@ -342,6 +386,11 @@ def _build_plan(preset: Preset, seed: int) -> Plan:
     if preset.appearance == "part_cues":  # the NTP pool (non-dataset pedestrians) keeps its outfits
         cued = _part_cues(train_specs + test_specs, seed)
         train_specs, test_specs = cued[: len(train_specs)], cued[len(train_specs):]
+    elif preset.appearance == "rich":  # the NTP pool gets textures too (it is drawn the same way)
+        train_specs = _rich_cues(train_specs, train_fams, seed, 0)
+        test_specs = _rich_cues(test_specs, test_fams, seed, 1)
+        pool_specs = _rich_cues(pool_specs, [Family("single", (i,)) for i in range(len(pool_specs))],
+                                seed, 2)
     people = train_specs + test_specs + pool_specs
     n_train = len(train_specs)
     test_idx = list(range(n_train, n_train + n_test))
@@ -449,7 +498,12 @@ def _build_plan(preset: Preset, seed: int) -> Plan:
     for f in test_fams:
         fams.append((f.kind, [pid_of[n_train + m] for m in f.members]))
     pano_seeds = [int(rng.integers(0, 2**63 - 1)) for _ in cams]
-    return Plan(people, fams, jobs, cams, patches, pano_seeds, preset.framing)
+    if preset.background_variants > 1:  # more scenes per camera, from a stream of their own
+        extra = np.random.default_rng([seed, 0xBA6D])
+        pano_seeds += [int(extra.integers(0, 2**63 - 1))
+                       for _ in range(len(cams) * (preset.background_variants - 1))]
+    return Plan(people, fams, jobs, cams, patches, pano_seeds, preset.framing,
+                preset.background_variants)
 
 
 # --------------------------------------------------------------------------------------
@@ -488,7 +542,11 @@ def _render_job(job: ImageJob, plan: Plan, panoramas: List[np.ndarray],
                      W * (0.5 + sgn * float(rng.uniform(0.22, 0.42))),
                      feet + H * float(rng.uniform(0.0, 0.05)),
                      hp * float(rng.uniform(1.0, 1.12)))
-    img, frac = render_scene(panorama=panoramas[job.cam - 1], camera=cam, target=target, rng=rng,
+    pano = panoramas[job.cam - 1]
+    if plan.background_variants > 1:  # which scene of the camera, from the image's own stream
+        k = int(np.random.default_rng([job.seed, 0xBA6D]).integers(plan.background_variants))
+        pano = panoramas[job.cam - 1 if k == 0 else len(plan.cameras) * k + job.cam - 1]
+    img, frac = render_scene(panorama=pano, camera=cam, target=target, rng=rng,
                              size=(w, h), npo=npo, ntp=ntp)
     return _jpeg_bytes(img), frac
 
@@ -501,8 +559,27 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
 
 def _panoramas(plan: Plan, image_size: Tuple[int, int]) -> List[np.ndarray]:
     h, w = image_size
-    return [render_panorama(c, np.random.default_rng(s), h * SUPERSAMPLE, w * SUPERSAMPLE * 8)
-            for c, s in zip(plan.cameras, plan.panorama_seeds)]
+    n = len(plan.cameras)
+    out = [render_panorama(c, np.random.default_rng(s), h * SUPERSAMPLE, w * SUPERSAMPLE * 8)
+           for c, s in zip(plan.cameras, plan.panorama_seeds[:n])]
+    for k, s in enumerate(plan.panorama_seeds[n:]):  # the variants: the camera's scene kind,
+        out.append(render_panorama(_variant_camera(plan.cameras[k % n], s), np.random.default_rng(s),
+                                   h * SUPERSAMPLE, w * SUPERSAMPLE * 8))  # other colours
+    return out
+
+
+def _variant_camera(cam: CameraSpec, seed: int) -> CameraSpec:
+    """Another part of the same scene: the camera's wall and ground kinds, their colours
+    shifted (another shop front, another stretch of street)."""
+    rng = np.random.default_rng([seed, 1])
+
+    def shift(c: Tuple[int, int, int]) -> Tuple[int, int, int]:
+        f = rng.uniform(0.7, 1.3, 3) * rng.uniform(0.8, 1.2)
+        return tuple(int(v) for v in np.clip(np.asarray(c) * f, 0, 255))  # type: ignore[return-value]
+
+    return replace(cam, wall_colors=(shift(cam.wall_colors[0]), shift(cam.wall_colors[1])),
+                   ground_colors=(shift(cam.ground_colors[0]), shift(cam.ground_colors[1])),
+                   horizon=float(np.clip(cam.horizon + rng.uniform(-0.08, 0.08), 0.4, 0.8)))
 
 
 # --------------------------------------------------------------------------------------
@@ -563,13 +640,14 @@ def _existing(out: Path, preset: Preset, seed: int) -> Tuple[str, str]:
     return "same", ""
 
 
-def generate_synthocc(out_dir: PathLike, preset: Union[str, Preset] = "demo", seed: int = 0, *,
+def generate_synthocc(out_dir: PathLike, preset: Union[str, Preset] = "demo_rich", seed: int = 0, *,
                       overwrite: bool = False) -> Path:
     """Generate the SynthOcc benchmark into ``out_dir`` (the dataset folder itself).
 
     Args:
         out_dir: dataset folder; created if missing.
-        preset: ``"tiny"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`), or a
+        preset: a name of :data:`PRESETS` (``"demo_rich"``, the representative one, by default;
+            ``"tiny"``, ``"demo"``, ``"full"`` and the others), or a
             :class:`Preset` instance.
         seed: random seed; the same preset and seed give byte-identical files.
         overwrite: replace what ``out_dir`` holds. Only SynthOcc's own entries

@@ -1,8 +1,16 @@
 """SynthOcc presets: how many identities, images, cameras and occlusions to generate.
 
-``tiny`` is for tests (about 150 images, a couple of seconds), ``demo`` is the default of
-``occreid demo`` (a tiny ViT learns it on two CPU cores in minutes), ``full`` mirrors the
-proportions of Occluded-Duke (702 training ids, 519 query ids, 1,110 gallery ids).
+``tiny`` is for tests (about 150 images, a couple of seconds), ``demo`` is sized for a tiny ViT
+on two CPU cores (minutes), ``full`` mirrors the proportions of Occluded-Duke (702 training
+ids, 519 query ids, 1,110 gallery ids).
+
+``tiny_rich``, ``demo_rich`` and ``full_rich`` (issue #13) are the representative layout and
+``demo_rich`` is the default of ``occreid demo`` and the shipped recipes: the same sizes and
+plans, with detector-like framing, identity cues in every horizontal stripe (garment
+textures, hats, scarves, shoes and boots, hair; ``Preset.appearance = "rich"``) and four
+backgrounds per camera (``Preset.background_variants``).
+
+The older layouts stay, byte-identical, so that old tables can be reproduced:
 ``tiny_detector``, ``demo_detector`` and ``full_detector`` are the same sizes with
 detector-like framing (``Preset.framing``). ``tiny_cues`` and ``demo_cues`` are ``tiny`` and
 ``demo`` with identity cues in the head and feet of every identity (``Preset.appearance``).
@@ -18,10 +26,10 @@ __all__ = ["Preset", "PRESETS", "TINY", "DEMO", "FULL", "FRAMINGS", "APPEARANCES
 #: Person framing inside the box (see ``Preset.framing``).
 FRAMINGS = ("scene", "detector")
 #: Identity cues (see ``Preset.appearance``).
-APPEARANCES = ("outfit", "part_cues")
+APPEARANCES = ("outfit", "part_cues", "rich")
 #: Fields added after the first presets, with the default that reproduces the old output;
 #: ``synthocc.json`` lists such a field only when a preset sets another value.
-NEW_FIELD_DEFAULTS = {"framing": "scene", "appearance": "outfit"}
+NEW_FIELD_DEFAULTS = {"framing": "scene", "appearance": "outfit", "background_variants": 1}
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,16 @@ class Preset:
             cameras and occlusions are those of the ``"outfit"`` preset of the same seed).
             On ``"outfit"`` presets the top and bottom quarters of a box carry almost no
             identity (docs/results.md); real pedestrians differ there too.
+            ``"rich"`` (issue #13): ``"part_cues"`` plus, from a stream of their own, a garment
+            texture over torso and sleeves and one over the lower garment (noise blotches,
+            diagonal stripes, plaid, dots or colour blocks, each with a colour of its own), a
+            hat (beanie, brim hat, hood) for a third of the identities, a scarf for 30 %, shoes
+            from trainers to boots and a 12-30 % broader build. Siblings keep sharing their
+            half of the outfit (its texture included) and their build.
+        background_variants: backgrounds per camera (1: the camera's one panorama, the old
+            presets). More draw further panoramas of the same scene kind with shifted colours
+            and horizon from a stream of their own, and each image picks one from its own
+            seed (issue #13: within-camera background variation).
     """
 
     name: str
@@ -95,6 +113,7 @@ class Preset:
     image_size: Tuple[int, int] = (128, 64)
     framing: str = "scene"
     appearance: str = "outfit"
+    background_variants: int = 1
 
     def __post_init__(self) -> None:
         def check(ok: bool, what: str) -> None:
@@ -126,6 +145,8 @@ class Preset:
               "image_size must be (height, width), both >= 16")
         check(self.framing in FRAMINGS, f"framing must be one of {FRAMINGS}")
         check(self.appearance in APPEARANCES, f"appearance must be one of {APPEARANCES}")
+        check(isinstance(self.background_variants, int) and 1 <= self.background_variants <= 16,
+              "background_variants must be an integer in 1..16")
 
 
 TINY = Preset(
@@ -182,6 +203,14 @@ FULL_DETECTOR = replace(FULL, name="full_detector", framing="detector")
 TINY_CUES = replace(TINY, name="tiny_cues", appearance="part_cues")
 DEMO_CUES = replace(DEMO, name="demo_cues", appearance="part_cues")
 
+# Issue #13, the representative preset: detector framing, rich identity cues in every
+# stripe, four backgrounds per camera.
+_RICH = dict(framing="detector", appearance="rich", background_variants=4)
+TINY_RICH = replace(TINY, name="tiny_rich", **_RICH)
+DEMO_RICH = replace(DEMO, name="demo_rich", **_RICH)
+FULL_RICH = replace(FULL, name="full_rich", **_RICH)
+
 #: Preset name -> Preset.
 PRESETS: Dict[str, Preset] = {
-    p.name: p for p in (TINY, DEMO, FULL, TINY_DETECTOR, DEMO_DETECTOR, FULL_DETECTOR, TINY_CUES, DEMO_CUES)}
+    p.name: p for p in (TINY, DEMO, FULL, TINY_DETECTOR, DEMO_DETECTOR, FULL_DETECTOR, TINY_CUES,
+                        DEMO_CUES, TINY_RICH, DEMO_RICH, FULL_RICH)}

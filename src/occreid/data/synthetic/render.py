@@ -48,14 +48,20 @@ SLEEVES = ("short", "long", "none")
 LOWER_TYPES = ("trousers", "shorts", "skirt")
 LOWER_PATTERNS = ("solid", "sidestripe")
 ACCESSORIES = ("none", "backpack", "shoulderbag", "handbag")
+#: Garment textures of ``appearance="rich"`` identities ("" = none, the original look).
+TEXTURES = ("noise", "diag", "plaid", "dots", "blocks")
+#: Headwear of ``appearance="rich"`` identities ("" = none).
+HATS = ("beanie", "brim", "hood")
 
 #: PersonSpec fields that make up the upper-body outfit (head, torso, arms, carried bag).
 UPPER_FIELDS = (
     "hair_style", "hair_color", "cap_color", "upper_color", "upper_color2", "upper_pattern",
     "stripe_period", "sleeve", "sleeve_color", "accessory", "acc_color", "acc_side",
+    "upper_texture", "upper_texture_color", "texture_seed", "hat", "scarf_color",
 )
 #: PersonSpec fields that make up the lower-body outfit (lower garment, shoes).
-LOWER_FIELDS = ("lower_type", "lower_color", "lower_color2", "lower_pattern", "shoe_color")
+LOWER_FIELDS = ("lower_type", "lower_color", "lower_color2", "lower_pattern", "shoe_color",
+                "lower_texture", "lower_texture_color", "lower_texture_seed", "shoe_scale")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,16 @@ class PersonSpec:
     accessory: str
     acc_color: RGB
     acc_side: int
+    # --- added for issue #13 (``appearance="rich"``); the defaults draw the original look
+    upper_texture: str = ""  # one of TEXTURES over torso and sleeves, or ""
+    upper_texture_color: RGB = (0, 0, 0)
+    lower_texture: str = ""  # one of TEXTURES over the lower garment, or ""
+    lower_texture_color: RGB = (0, 0, 0)
+    texture_seed: int = 0  # fixes the upper texture's geometry (period, angle, noise field)
+    lower_texture_seed: int = 0  # the same for the lower texture
+    hat: str = ""  # one of HATS, or "" (hair_style then decides the head)
+    scarf_color: Optional[RGB] = None  # a scarf round the neck and shoulders, or None
+    shoe_scale: float = 1.0  # shoe size (> 1: larger shoes and boots up the shin)
 
 
 @dataclass(frozen=True)
@@ -206,6 +222,114 @@ def _pattern_layer(spec: PersonSpec, view: str, size: Tuple[int, int], P: Callab
     return Image.fromarray(arr.astype(np.uint8), "RGBA")
 
 
+def _texture_weight(kind: str, seed: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Weight in [0, 1] of the texture colour at body coordinates ``(u, v)``.
+
+    The geometry (period, angle, noise field, split) comes from ``seed`` alone and is laid out
+    in body units, so a texture moves and scales with the person and is the same garment in
+    every image of the identity.
+    """
+    rng = np.random.default_rng([int(seed), 0x7E47])
+    period = float(rng.uniform(0.035, 0.075))
+    if kind == "noise":  # blotches (camouflage, washed denim, floral prints)
+        gh, gw = 18, 8  # lattice over v in [0, 1], u in [-0.2, 0.2]
+        grid = rng.random((gh + 1, gw + 1)).astype(np.float32)
+        gy = np.clip(v, 0, 1) * gh
+        gx = np.clip((u + 0.2) / 0.4, 0, 1) * gw
+        y0 = np.minimum(gy.astype(np.int64), gh - 1)
+        x0 = np.minimum(gx.astype(np.int64), gw - 1)
+        fy, fx = gy - y0, gx - x0
+        val = (grid[y0, x0] * (1 - fy) * (1 - fx) + grid[y0 + 1, x0] * fy * (1 - fx)
+               + grid[y0, x0 + 1] * (1 - fy) * fx + grid[y0 + 1, x0 + 1] * fy * fx)
+        return np.clip((val - 0.45) * 6.0, 0, 1)
+    if kind == "diag":
+        angle = float(rng.uniform(0.35, 1.2)) * float(rng.choice([-1, 1]))
+        t = (u * math.cos(angle) + v * math.sin(angle)) / period
+        return ((t % 1.0) < 0.45).astype(np.float32)
+    if kind == "plaid":
+        a = ((u / period) % 1.0) < 0.28
+        b = ((v / period) % 1.0) < 0.28
+        return np.maximum(a, b).astype(np.float32) * np.where(a & b, 1.0, 0.75).astype(np.float32)
+    if kind == "dots":
+        p = period * 1.3
+        du = (u / p) % 1.0 - 0.5
+        dv = (v / p + 0.5 * (np.floor(u / p) % 2)) % 1.0 - 0.5
+        return ((du * du + dv * dv) < 0.07).astype(np.float32)
+    if kind == "blocks":  # colour blocking: a contrasting side panel or band
+        if rng.random() < 0.5:
+            return (u > float(rng.uniform(-0.04, 0.04))).astype(np.float32)
+        lo = float(rng.uniform(0.22, 0.38))
+        return ((v > lo) & (v < lo + float(rng.uniform(0.05, 0.12)))
+                | (v > 0.62 + lo * 0.3)).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}; known: {TEXTURES}")
+
+
+def _apply_textures(layer: Image.Image, spec: PersonSpec, cx: float, top: float,
+                    hp: float) -> Image.Image:
+    """Re-colour the garment pixels (exactly the garment's fill colour) with their texture."""
+    arr = np.asarray(layer).copy()
+    ys, xs = np.mgrid[0 : arr.shape[0], 0 : arr.shape[1]].astype(np.float32)
+    u = (xs - cx) / (hp * spec.width)
+    v = (ys - top) / hp
+    opaque = arr[..., 3] == 255
+    for kind, base, color, seed in (
+            (spec.upper_texture, spec.upper_color, spec.upper_texture_color, spec.texture_seed),
+            (spec.lower_texture, spec.lower_color, spec.lower_texture_color,
+             spec.lower_texture_seed)):
+        if not kind:
+            continue
+        m = opaque & np.all(arr[..., :3] == np.asarray(base, np.uint8), axis=-1)
+        if not m.any():
+            continue
+        t = _texture_weight(kind, seed, u[m], v[m])[:, None]
+        c0 = np.asarray(base, np.float32)
+        c1 = np.asarray(color, np.float32)
+        arr[..., :3][m] = np.clip(c0 + (c1 - c0) * t + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGBA")
+
+
+def _draw_headwear(d: ImageDraw.ImageDraw, spec: PersonSpec, P: Callable, L: Callable,
+                   front: bool) -> None:
+    """Hats (``spec.hat``) over the head drawn by :func:`draw_person`."""
+    hat = _rgba(spec.cap_color)
+    band = _rgba(_shade(spec.cap_color, 0.7))
+    hx0, hy0 = P(-0.05, 0.008)
+    hx1, _ = P(0.05, 0.145)
+    if spec.hat == "beanie":
+        d.chord([hx0 - L(0.01), hy0 - L(0.02), hx1 + L(0.01), hy0 + L(0.1)], 180, 360, fill=hat)
+        d.rectangle([hx0 - L(0.01), hy0 + L(0.035), hx1 + L(0.01), hy0 + L(0.052)], fill=band)
+    elif spec.hat == "brim":
+        d.chord([hx0 + L(0.002), hy0 - L(0.035), hx1 - L(0.002), hy0 + L(0.07)], 180, 360, fill=hat)
+        bx0, by0 = P(-0.092, 0.024)
+        bx1, by1 = P(0.092, 0.046)
+        d.ellipse([bx0, by0, bx1, by1], fill=band)
+    elif spec.hat == "hood":  # the hood frames the face in front and covers the head behind
+        x0, y0 = P(-0.07, -0.004)
+        x1, y1 = P(0.07, 0.19)
+        if front:
+            d.ellipse([x0, y0, x1, y1], outline=hat, width=max(1, int(L(0.024))))
+            d.chord([x0, y0, x1, y1], 180, 360, fill=hat)
+            d.ellipse([hx0 + L(0.006), hy0 + L(0.04), hx1 - L(0.006), P(0, 0.145)[1]],
+                      fill=_rgba(spec.skin))
+            for i in (-1, 1):
+                ex, ey = P(i * 0.019, 0.082)
+                er = L(0.0065)
+                d.ellipse([ex - er, ey - er, ex + er, ey + er], fill=_rgba((40, 30, 30)))
+        else:
+            d.ellipse([x0, y0, x1, y1], fill=hat)
+    elif spec.hat:
+        raise ValueError(f"unknown hat {spec.hat!r}; known: {HATS}")
+
+
+def _draw_scarf(d: ImageDraw.ImageDraw, spec: PersonSpec, P: Callable, L: Callable,
+                front: bool) -> None:
+    c = _rgba(spec.scarf_color)  # type: ignore[arg-type]
+    d.rounded_rectangle([*P(-0.085, 0.14), *P(0.085, 0.205)], radius=L(0.02), fill=c)
+    if front:
+        d.rectangle([*P(0.018, 0.19), *P(0.05, 0.33)], fill=c)
+        d.rectangle([*P(0.018, 0.31), *P(0.05, 0.33)], fill=_rgba(_shade(spec.scarf_color, 0.7)))
+
+
 def draw_person(layer: Image.Image, spec: PersonSpec, *, view: str, phase: float,
                 cx: float, feet_y: float, height: float) -> None:
     """Draw one pedestrian onto an RGBA ``layer`` (in place).
@@ -273,7 +397,9 @@ def draw_person(layer: Image.Image, spec: PersonSpec, *, view: str, phase: float
                 end = (hip[0] + (knee[0] - hip[0]) * 0.75, hip[1] + (knee[1] - hip[1]) * 0.75)
                 _limb(d, hip, end, L(0.088), L(0.076), lower)
         sx, sy = ankle
-        d.rounded_rectangle([sx - L(0.036), sy - L(0.012), sx + L(0.036), sy + L(0.052)],
+        k = spec.shoe_scale  # 1 = trainers; larger = boots reaching up the shin
+        d.rounded_rectangle([sx - L(0.036 * min(k, 1.25)), sy - L(0.012 + 0.06 * (k - 1)),
+                             sx + L(0.036 * min(k, 1.25)), sy + L(0.052)],
                             radius=L(0.018), fill=shoe)
     # pelvis / skirt
     if spec.lower_type == "skirt":
@@ -387,6 +513,15 @@ def draw_person(layer: Image.Image, spec: PersonSpec, *, view: str, phase: float
         x0, y0 = P(-side * 0.165, 0.43)
         x1, y1 = P(-side * 0.065, 0.53)
         d.rounded_rectangle([min(x0, x1), y0, max(x0, x1), y1], radius=L(0.012), fill=acc)
+
+    # --- issue #13 cues (appearance "rich"): textures, scarf, headwear
+    if spec.upper_texture or spec.lower_texture:
+        layer.paste(_apply_textures(layer, spec, cx, top, hp))
+        d = ImageDraw.Draw(layer)
+    if spec.scarf_color is not None:
+        _draw_scarf(d, spec, P, L, front)
+    if spec.hat:
+        _draw_headwear(d, spec, P, L, front)
 
 
 # --------------------------------------------------------------------------------------
