@@ -501,3 +501,18 @@ def test_texture_is_laid_out_in_body_units_and_only_on_the_garment():
     garment = np.all(b[..., :3] == spec.upper_color, axis=-1) | np.all(b[..., :3] == spec.lower_color, axis=-1)
     assert not (changed & ~garment).any()  # skin, hair, shoes and background untouched
     assert np.array_equal(a[..., 3], b[..., 3])  # same silhouette
+
+
+def test_rich_preset_generates_records_and_varies_backgrounds(tmp_path):
+    root = generate_synthocc(tmp_path / "rich", "tiny_rich", seed=0)
+    params = json.loads((root / "synthocc.json").read_text())["preset_params"]
+    assert (params["appearance"], params["framing"], params["background_variants"]) == ("rich", "detector", 4)
+    plan = gen_mod._build_plan(PRESETS["tiny_rich"], 0)
+    panoramas = gen_mod._panoramas(plan, PRESETS["tiny_rich"].image_size)
+    assert len(panoramas) == 4 * len(plan.cameras)
+    # a variant is the camera's scene with other colours: same shape, different pixels
+    assert panoramas[0].shape == panoramas[len(plan.cameras)].shape
+    assert not np.array_equal(panoramas[0], panoramas[len(plan.cameras)])
+    picks = {int(np.random.default_rng([j.seed, 0xBA6D]).integers(4)) for j in plan.jobs}
+    assert picks == {0, 1, 2, 3}  # images use every variant
+    assert generate_synthocc(root, "tiny_rich", seed=0) == root  # reused, not refused
