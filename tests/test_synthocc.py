@@ -513,6 +513,6 @@ def test_rich_preset_generates_records_and_varies_backgrounds(tmp_path):
     # a variant is the camera's scene with other colours: same shape, different pixels
     assert panoramas[0].shape == panoramas[len(plan.cameras)].shape
     assert not np.array_equal(panoramas[0], panoramas[len(plan.cameras)])
-    picks = {int(np.random.default_rng([j.seed, 0xBA6D]).integers(4)) for j in plan.jobs}
+    picks = {gen_mod._background_variant(j, plan) for j in plan.jobs}
     assert picks == {0, 1, 2, 3}  # images use every variant
     assert generate_synthocc(root, "tiny_rich", seed=0) == root  # reused, not refused

@@ -334,8 +334,8 @@ def _rich_cues(specs: Sequence[PersonSpec], families: Sequence[Family], seed: in
                salt: int) -> List[PersonSpec]:
     """``Preset.appearance == "rich"``: the head and feet cues of ``part_cues`` plus garment
     textures over torso, sleeves and lower garment, hats, scarves, shoes from trainers to
-    boots and a broader build, from a
-    random stream of their own (``salt`` separates the train, test and NTP-pool draws).
+    boots and a broader build, from a random stream of their own (``salt`` separates the
+    train, test and NTP-pool draws).
 
     Family semantics are kept: a ``shared_upper`` family shares its upper-body texture, a
     ``shared_lower`` family its lower-body texture; heads, hats and scarves are every
@@ -542,13 +542,18 @@ def _render_job(job: ImageJob, plan: Plan, panoramas: List[np.ndarray],
                      W * (0.5 + sgn * float(rng.uniform(0.22, 0.42))),
                      feet + H * float(rng.uniform(0.0, 0.05)),
                      hp * float(rng.uniform(1.0, 1.12)))
-    pano = panoramas[job.cam - 1]
-    if plan.background_variants > 1:  # which scene of the camera, from the image's own stream
-        k = int(np.random.default_rng([job.seed, 0xBA6D]).integers(plan.background_variants))
-        pano = panoramas[job.cam - 1 if k == 0 else len(plan.cameras) * k + job.cam - 1]
+    pano = panoramas[len(plan.cameras) * _background_variant(job, plan) + job.cam - 1]
     img, frac = render_scene(panorama=pano, camera=cam, target=target, rng=rng,
                              size=(w, h), npo=npo, ntp=ntp)
     return _jpeg_bytes(img), frac
+
+
+def _background_variant(job: ImageJob, plan: Plan) -> int:
+    """Which of its camera's backgrounds an image uses (0 = the camera's own panorama), drawn
+    from the image's own seed; panorama ``k * num_cameras + cam - 1`` is variant ``k``."""
+    if plan.background_variants == 1:
+        return 0
+    return int(np.random.default_rng([job.seed, 0xBA6D]).integers(plan.background_variants))
 
 
 def _jpeg_bytes(img: Image.Image) -> bytes:
